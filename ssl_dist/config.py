@@ -1,0 +1,295 @@
+"""Typed, nested run configuration.
+
+The dataclasses below are the single source of truth: their defaults are the embedded
+defaults, a YAML file only overrides some of them, and `a.b=c` arguments on the command
+line override the YAML. Every field has a docstring (the string literal under it), which
+`describe()` prints, so the config is also the CLI's reference.
+
+Validation happens while merging: an unknown key or a value of the wrong type raises
+`ConfigError` naming the key and what is allowed, before anything starts.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; its message names the key and the fix."""
+
+
+@dataclass
+class DataConfig:
+    train_url: str = ""
+    """URL of the training shards' folder (holding index.json): local path, file://, s3://. Empty: quickstart makes a synthetic set."""
+    batch_size: int = 64
+    """Samples per worker per step; the global batch is batch_size x number of workers."""
+    loader_workers: int = 1
+    """DataLoader worker processes per training worker (0 decodes in the training process)."""
+    image_size: int = 32
+    """Side of the square crops fed to the encoder."""
+    seed: int = 0
+    """Seed of the data order (shard and sample shuffle); the order is a function of (seed, epoch, manifest)."""
+    shuffle_window: int = 4096
+    """Samples mixed by the bounded shuffle (memory per reader is bounded by one window's sample list)."""
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
+    """torchvision ResNet used as the encoder."""
+    cifar_stem: bool = True
+    """Replace the ImageNet stem (7x7 conv, max-pool) by a 3x3 conv for small (32 px) images."""
+    proj_hidden_dim: int = 512
+    """Hidden width of the projection head's MLP."""
+    proj_dim: int = 128
+    """Output width of the projection head (the embedding the loss sees)."""
+
+
+@dataclass
+class LossConfig:
+    name: Literal["nt_xent"] = "nt_xent"
+    """Contrastive loss; negatives come from every worker."""
+    temperature: float = 0.2
+    """Softmax temperature of NT-Xent."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    """Optimizer (a torch optimizer handed to DeepSpeed)."""
+    lr: float = 1e-3
+    """Peak learning rate (after warm-up)."""
+    weight_decay: float = 1e-6
+    """Decoupled weight decay."""
+    momentum: float = 0.9
+    """Momentum (SGD only)."""
+    warmup_steps: int = 10
+    """Linear warm-up steps, then cosine decay to zero at train.max_steps."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100
+    """Optimizer steps of the whole run."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage, 0 to 3."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Numeric precision of the engine (bf16 on GPUs that support it)."""
+    checkpoint_every: int = 50
+    """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    log_every: int = 10
+    """Report metrics to Ray Train every this many steps."""
+    torch_threads: int = 0
+    """Intra-op threads per worker; 0 divides the node's CPUs among its workers."""
+    seed: int = 0
+    """Seed of model initialisation and augmentation."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "ssl-dist"
+    """Run name: the folder under storage_path that holds checkpoints and metrics."""
+    storage_path: str = "./runs"
+    """Where Ray Train keeps the run: a local path or s3://bucket/prefix."""
+    num_workers: int = 2
+    """Training workers (Ray Train workers, one DeepSpeed rank each)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL backend."""
+    cpus_per_worker: int = 1
+    """CPUs Ray reserves for each training worker."""
+    max_failures: int = 2
+    """Worker-group restarts Ray Train attempts after a failure before giving up."""
+    keep_checkpoints: int = 2
+    """Newest checkpoints kept in storage."""
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str = ""
+    """S3 endpoint (MinIO, Ceph, moto...); empty: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS itself."""
+    region: str = ""
+    """S3 region; empty: AWS_REGION / AWS_DEFAULT_REGION."""
+    anonymous: bool = False
+    """Read public buckets without credentials."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    """Where the shards are and how they are streamed."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Encoder and projection head."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Contrastive objective."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Length of the run, engine and checkpoints."""
+    run: RunConfig = field(default_factory=RunConfig)
+    """Ray Train run: name, storage, workers, failures."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Object-store access (credentials always come from the environment, never from here)."""
+
+    def validate(self) -> None:
+        """Cross-field checks that a single field's type cannot express."""
+        if not 0 <= self.train.zero_stage <= 3:
+            raise ConfigError(f"train.zero_stage={self.train.zero_stage}: allowed values are 0, 1, 2, 3")
+        for key, value in [("data.batch_size", self.data.batch_size), ("run.num_workers", self.run.num_workers),
+                           ("train.max_steps", self.train.max_steps), ("data.image_size", self.data.image_size)]:
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be at least 1")
+        if self.data.loader_workers < 0:
+            raise ConfigError(f"data.loader_workers={self.data.loader_workers}: must be 0 or more")
+        if self.loss.temperature <= 0:
+            raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
+
+
+# ---- loading and merging ---------------------------------------------------------------
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at `path` (if any), then `key.sub=value` overrides."""
+    cfg = Config()
+    if path is not None:
+        cfg = merge(cfg, _read_yaml(Path(path)), origin=str(path))
+    cfg = merge(cfg, parse_overrides(overrides), origin="command line")
+    cfg.validate()
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections (data:, model:, ...)")
+    return data
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict:
+    """`["train.max_steps=10", "data.train_url=s3://b/x"]` -> nested dict with parsed scalars."""
+    nested: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. train.max_steps=10)")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = _parse_scalar(raw)
+    return nested
+
+
+def _parse_scalar(raw: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
+def merge(cfg: Any, updates: dict, *, origin: str, prefix: str = "") -> Any:
+    """Return a copy of dataclass `cfg` with `updates` applied, type-checked field by field."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for key, value in updates.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r} (from {origin}); allowed keys here: "
+                              f"{', '.join(prefix + k for k in fields)}")
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {dotted!r} (from {origin}) is a section: set its keys, "
+                                  f"e.g. {dotted}.{dataclasses.fields(current)[0].name}=...")
+            changes[key] = merge(current, value, origin=origin, prefix=dotted + ".")
+        else:
+            changes[key] = _coerce(dotted, hints[key], value, origin)
+    return dataclasses.replace(cfg, **changes)
+
+
+def _coerce(key: str, hint: Any, value: Any, origin: str) -> Any:
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r} = {value!r} (from {origin}): allowed values are "
+                              f"{', '.join(map(repr, allowed))}")
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key {key!r} = {value!r} (from {origin}) has the wrong type: "
+                      f"expected {getattr(hint, '__name__', hint)}")
+
+
+# ---- output -----------------------------------------------------------------------------
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (JSON/YAML-serialisable) of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    """Inverse of `to_dict`, validated (used to carry the config to Ray workers and checkpoints)."""
+    cfg = merge(Config(), data, origin="saved config")
+    cfg.validate()
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, as written next to every run."""
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Docstrings of a dataclass's fields (the string literal right under each field)."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+def describe(cfg: Config | None = None) -> str:
+    """Human-readable listing of every key, its value and its docstring (for `--help-config`)."""
+    cfg = cfg or Config()
+    lines = []
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        lines.append(f"{section.name}:")
+        docs = field_docs(type(sub))
+        for f in dataclasses.fields(sub):
+            lines.append(f"  {section.name}.{f.name} = {json.dumps(getattr(sub, f.name))}")
+            lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+

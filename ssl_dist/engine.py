@@ -1,0 +1,61 @@
+"""DeepSpeed engine from the typed config: ZeRO stage, precision, optimizer, LR schedule.
+
+The optimizer is a plain torch optimizer handed to DeepSpeed (DeepSpeed's fused ones need
+a GPU); ZeRO partitions its state all the same.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """The DeepSpeed JSON config for a `config.Config` run on `world_size` ranks."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "train_batch_size": cfg.data.batch_size * world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        # Our optimizers are torch's own: DeepSpeed only vouches for its fused ones.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # progress is ours; DeepSpeed's own log would repeat it per rank
+        "wall_clock_breakdown": False,
+    }
+    if cfg.train.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum over `params`."""
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
+    return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+
+
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int) -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then cosine decay to 0 at `max_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_engine(model: torch.nn.Module, cfg, world_size: int):
+    """Wrap `model` in a DeepSpeed engine; every rank calls this (it is collective).
+
+    The process group must already exist (Ray Train made it); DeepSpeed adopts it.
+    Returns the engine; its optimizer, LR scheduler and ZeRO partitions come with it and
+    are saved/restored by `ssl_dist.checkpoint`.
+    """
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.run.use_gpu else "gloo")
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 (DeepSpeed calls it with its optimizer)
+        opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, world_size))
+    return engine

@@ -1,0 +1,120 @@
+"""Driver side of a run: connect to (or start) Ray, build the TorchTrainer, run it.
+
+Runs on the machine that submits (a laptop, or the Ray job's driver on a cluster).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ssl_dist import config as config_lib
+from ssl_dist import shards, storage
+
+
+class LaunchError(RuntimeError):
+    """A user-facing problem found before or while starting a run."""
+
+
+@dataclass
+class RunResult:
+    """What a finished run leaves: its folder and its newest checkpoint."""
+
+    run_url: str
+    checkpoint_url: str | None
+    metrics: dict
+
+
+def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to the cluster at `address` / RAY_ADDRESS, or start a local one.
+
+    Ray >= 2.59 turns on token authentication for local clusters; a laptop run has no use
+    for it, so it is disabled unless the user set RAY_AUTH_MODE (a shared cluster sets its
+    own).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    # Workers inherit the driver's environment on a local cluster: that is how they find
+    # the S3 endpoint and credentials without either being written into the config.
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+
+
+def run_url(cfg) -> str:
+    """Folder of the run: `storage_path/name`."""
+    return storage.join(cfg.run.storage_path, cfg.run.name)
+
+
+def preflight(cfg) -> tuple[dict, dict]:
+    """Check the data and the storage before any worker starts; returns (data, storage) options.
+
+    A missing bucket, refused credentials or a missing manifest is one clear error here,
+    in seconds, instead of a stack trace from every worker after a cluster start-up.
+    """
+    if not cfg.data.train_url:
+        raise LaunchError("data.train_url is empty: set it to a folder of shards (with index.json), e.g. "
+                          "data.train_url=s3://bucket/shards, or make some with `ssl-dist shards make SRC DEST`")
+    data_options = storage.options_from_config(cfg.data.train_url, cfg.storage)
+    storage_options = storage.options_from_config(cfg.run.storage_path, cfg.storage)
+    manifest = shards.read_manifest(cfg.data.train_url, data_options)
+    total = sum(s["num_samples"] for s in manifest["shards"])
+    if total < cfg.data.batch_size * cfg.run.num_workers:
+        raise LaunchError(f"{cfg.data.train_url} holds {total} samples, fewer than one global batch "
+                          f"({cfg.data.batch_size} x {cfg.run.num_workers} workers): lower data.batch_size")
+    storage.check_writable_root(cfg.run.storage_path, storage_options)
+    return data_options, storage_options
+
+
+def write_resolved_config(cfg, storage_options: dict) -> str:
+    """Write the resolved config (never credentials: the config holds none) to the run folder."""
+    url = storage.join(run_url(cfg), "config.yaml")
+    fs, path = storage.filesystem(url, storage_options)
+    with storage.translate_errors(url):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as f:
+            f.write(config_lib.dump_yaml(cfg))
+    return url
+
+
+def build_trainer(cfg, *, data_options: dict, storage_options: dict):
+    """The Ray Train TorchTrainer of a run (driver side; nothing starts until `fit`)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ssl_dist.train import train_loop
+
+    filesystem, path = storage.pyarrow_filesystem(cfg.run.storage_path, storage_options)
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"config": config_lib.to_dict(cfg), "run_url": run_url(cfg),
+                           "data_options": data_options, "storage_options": storage_options},
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+                                               resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+        ),
+    )
+
+
+def pretrain(cfg, *, address: str | None = None) -> RunResult:
+    """Run a pretraining job to its end (or its last allowed failure). Driver only."""
+    data_options, storage_options = preflight(cfg)
+    write_resolved_config(cfg, storage_options)
+    connect_ray(address, num_cpus=None)
+    trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options)
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint is not None and cfg.run.storage_path.startswith(("s3://", "gs://")):
+        checkpoint = cfg.run.storage_path.split("://")[0] + "://" + checkpoint
+    return RunResult(run_url=run_url(cfg), checkpoint_url=checkpoint, metrics=dict(result.metrics or {}))

@@ -1,0 +1,130 @@
+"""One place that turns a URL into a filesystem.
+
+Local paths, `file://`, `s3://` (AWS or any S3-compatible endpoint) and `gs://` all go
+through fsspec. S3 credentials are never part of the options: botocore reads them from the
+usual environment variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN,
+AWS_PROFILE) or the instance role, so they are never written to a config, log or checkpoint.
+The endpoint comes from the config or, like the AWS CLI, from AWS_ENDPOINT_URL_S3 /
+AWS_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+
+
+class StorageError(RuntimeError):
+    """A user-facing storage problem (missing bucket, rejected credentials, unreachable endpoint)."""
+
+
+def storage_options(url: str, *, endpoint_url: str = "", region: str = "", anonymous: bool = False) -> dict:
+    """fsspec options for `url`: the S3 endpoint and region, never credentials.
+
+    Called by the driver; the result is small and credential-free, so it can travel to Ray
+    workers inside the config.
+    """
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ""
+    options: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 5, "mode": "standard"}}}
+    client: dict[str, Any] = {}
+    if endpoint:
+        client["endpoint_url"] = endpoint
+    if region:
+        client["region_name"] = region
+    if client:
+        options["client_kwargs"] = client
+    if anonymous:
+        options["anon"] = True
+    return options
+
+
+def options_from_config(url: str, storage_cfg) -> dict:
+    """`storage_options` with the fields of a `config.StorageConfig`."""
+    return storage_options(url, endpoint_url=storage_cfg.endpoint_url, region=storage_cfg.region,
+                           anonymous=storage_cfg.anonymous)
+
+
+def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(filesystem, path inside it) for `url`; a fresh instance per call is cheap (fsspec caches)."""
+    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    return fs, path.rstrip("/") or path
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL parts with '/', for local paths and object-store URLs alike."""
+    return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
+
+
+def pyarrow_filesystem(url: str, options: dict | None = None):
+    """(pyarrow filesystem, path) for Ray Train's `RunConfig(storage_filesystem=...)`.
+
+    Wraps the same fsspec filesystem, so Ray's checkpoint uploads use the same endpoint and
+    credentials as the data.
+    """
+    import pyarrow.fs
+
+    fs, path = filesystem(url, options)
+    if url.startswith(("s3://", "s3a://", "gs://")):
+        return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs)), path
+    return None, os.path.abspath(path)
+
+
+def check_writable_root(url: str, options: dict | None = None) -> None:
+    """Fail early, with a clear message, if the bucket behind `url` is missing or refuses us.
+
+    Called by the driver before any worker starts, so that a typo costs seconds, not a
+    cluster start-up. Local paths are created.
+    """
+    fs, path = filesystem(url, options)
+    if not url.startswith(("s3://", "s3a://", "gs://")):
+        os.makedirs(path, exist_ok=True)
+        return
+    bucket = path.split("/", 1)[0]
+    with translate_errors(url):
+        if not fs.exists(bucket):
+            raise FileNotFoundError(bucket)
+
+
+class translate_errors:
+    """Context manager: turn botocore/s3fs/OS errors about `url` into one clear StorageError."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, StorageError):
+            return False
+        message = explain(self.url, exc)
+        if message is None:
+            return False
+        raise StorageError(message) from exc
+
+
+def explain(url: str, exc: BaseException) -> str | None:
+    """A one-line explanation and fix for a storage exception, or None if it is not one we know."""
+    text = f"{type(exc).__name__}: {exc}"
+    bucket = url.split("://", 1)[-1].split("/", 1)[0]
+    if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden",
+                               "ExpiredToken", "NoCredentialsError", "Unable to locate credentials")) \
+            or isinstance(exc, PermissionError):
+        return (f"access to {url} was refused (wrong or missing credentials): set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE / an instance role) to credentials that may use bucket "
+                f"{bucket!r}")
+    if "NoSuchBucket" in text or (isinstance(exc, FileNotFoundError) and url.startswith(("s3://", "gs://"))
+                                  and str(exc).strip("'\" ").rstrip("/") in (bucket, f"{bucket}")):
+        return f"bucket {bucket!r} of {url} does not exist: create it or fix the URL"
+    if any(s in text for s in ("EndpointConnectionError", "Could not connect", "ConnectionRefused",
+                               "Connect timeout", "ClientConnectorError")):
+        return (f"cannot reach the object store for {url}: check the endpoint (storage.endpoint_url or "
+                f"AWS_ENDPOINT_URL_S3) and the network")
+    if isinstance(exc, FileNotFoundError):
+        return f"{url}: not found ({exc})"
+    return None

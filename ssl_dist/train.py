@@ -1,0 +1,94 @@
+"""The worker loop that Ray Train runs on every training worker (one DeepSpeed rank each)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from ssl_dist import checkpoint, config, data
+from ssl_dist.augment import TwoViews
+from ssl_dist.engine import build_engine
+from ssl_dist.loss import nt_xent
+from ssl_dist.metrics import MetricsLog
+from ssl_dist.model import build_model
+
+
+def train_loop(loop_config: dict) -> None:
+    """Pretrain until `train.max_steps`, resuming from Ray Train's newest checkpoint if any.
+
+    `loop_config`: {"config": resolved config dict, "run_url": the run folder,
+    "data_options" / "storage_options": credential-free fsspec options}. Every worker calls it.
+    """
+    import ray.train
+
+    cfg = config.from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+
+    # ---- threads: share the node's cores among its workers, or torch oversubscribes them
+    threads = cfg.train.torch_threads or max(1, cfg.run.cpus_per_worker)
+    torch.set_num_threads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+    # ---- model and engine: same seed on every rank, so replicas start equal
+    torch.manual_seed(cfg.train.seed)
+    engine = build_engine(build_model(cfg.model), cfg, world)
+
+    # ---- data: this rank's share of every global batch; augmentation runs in loader workers
+    loader = data.make_loader(cfg.data.train_url, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
+                              num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
+                              transform=TwoViews(cfg.data.image_size),
+                              storage_options=loop_config["data_options"], shuffle_window=cfg.data.shuffle_window)
+
+    # ---- resume: Ray Train hands back the newest checkpoint after a restart
+    state = checkpoint.TrainState()
+    resumed_from = ray.train.get_checkpoint()
+    if resumed_from is not None:
+        state = checkpoint.restore_from_ray(resumed_from, engine=engine, loader=loader, rank=rank, world_size=world)
+        if rank == 0:
+            print(f"[ssl-dist] resumed from step {state.step} (epoch {loader.epoch})", flush=True)
+
+    log = MetricsLog(loop_config["run_url"], start_step=state.step, max_steps=cfg.train.max_steps,
+                     global_batch=loader.layout.global_batch,
+                     storage_options=loop_config["storage_options"]) if rank == 0 else None
+    running_loss = torch.zeros(())
+    steps_in_window = 0
+
+    while state.step < cfg.train.max_steps:
+        for batch in loader:
+            # ---- forward both views in one pass (BatchNorm sees the same statistics for both)
+            views = torch.cat([batch["view1"], batch["view2"]])
+            z1, z2 = engine(views).chunk(2)
+            # ---- NT-Xent with negatives from every rank; this rank's mean over its anchors
+            loss = nt_xent(z1, z2, cfg.loss.temperature)
+            engine.backward(loss)
+            engine.step()
+
+            state.step += 1
+            state.samples_seen += loader.layout.global_batch
+            running_loss += loss.detach()
+            steps_in_window += 1
+
+            # ---- metrics: one all-reduce per log interval, not per step
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                mean_loss = running_loss / steps_in_window
+                dist.all_reduce(mean_loss)
+                mean_loss /= world
+                running_loss.zero_()
+                steps_in_window = 0
+                if log is not None:
+                    row = log.add(step=state.step, epoch=loader.epoch, loss=float(mean_loss),
+                                  lr=engine.get_lr()[0], samples_seen=state.samples_seen)
+                    print("[ssl-dist] " + log.progress_line(row), flush=True)
+                    log.flush()
+
+            # ---- checkpoint: all ranks write their part; Ray Train merges and persists them
+            every = cfg.train.checkpoint_every
+            if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
+                checkpoint.save_and_report({"step": state.step, "samples_seen": state.samples_seen},
+                                           engine=engine, loader=loader, state=state, rank=rank,
+                                           world_size=world, config=loop_config["config"])
+            if state.step >= cfg.train.max_steps:
+                break
