@@ -63,7 +63,8 @@ def cmd_shards_make(args) -> None:
     from ssl_dist import shards
 
     manifest = shards.make_shards(args.src, args.dest, samples_per_shard=args.samples_per_shard,
-                                  shard_bytes=args.shard_bytes, workers=args.workers, progress=True)
+                                  shard_bytes=args.shard_bytes, workers=args.workers, progress=True,
+                                  overwrite=args.overwrite)
     total = sum(s["num_samples"] for s in manifest["shards"])
     print(f"wrote {len(manifest['shards'])} shards, {total} samples, to {args.dest} (index.json)")
 
@@ -154,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-shard", type=int, default=None)
     p.add_argument("--shard-bytes", type=int, default=256 * 2**20)
     p.add_argument("--workers", type=int, default=4, help="shards written in parallel")
+    p.add_argument("--overwrite", action="store_true", help="replace shards already at DEST")
     p.set_defaults(handler=cmd_shards_make)
     p = shards.add_parser("index", help="write sidecar offsets and index.json for shards made elsewhere")
     p.add_argument("url")

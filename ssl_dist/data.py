@@ -242,7 +242,8 @@ def runs_of(positions: np.ndarray, order: np.ndarray, starts: np.ndarray) -> lis
 
 
 def decode_sample(key: str, fields: dict[str, bytes]) -> dict[str, Any]:
-    """{ext: bytes} -> {"__key__", "image": PIL.Image (RGB), "cls": int, other fields as bytes}."""
+    """{ext: bytes} -> {"__key__", "image": PIL.Image (RGB), "image_bytes": the encoded image,
+    "cls": int, other fields as bytes}."""
     from PIL import Image
 
     sample: dict[str, Any] = {"__key__": key}
@@ -250,6 +251,7 @@ def decode_sample(key: str, fields: dict[str, bytes]) -> dict[str, Any]:
         if ext in IMAGE_EXTS:
             image = Image.open(io.BytesIO(value))
             sample["image"] = image.convert("RGB")
+            sample["image_bytes"] = value
         elif ext == "cls":
             sample["cls"] = int(value.decode().strip())
         elif ext == "json":

@@ -62,6 +62,7 @@ def preflight(cfg) -> tuple[dict, dict]:
                           "data.train_url=s3://bucket/shards, or make some with `ssl-dist shards make SRC DEST`")
     data_options = storage.options_from_config(cfg.data.train_url, cfg.storage)
     storage_options = storage.options_from_config(cfg.run.storage_path, cfg.storage)
+    storage.check_bucket(cfg.data.train_url, data_options)
     manifest = shards.read_manifest(cfg.data.train_url, data_options)
     total = sum(s["num_samples"] for s in manifest["shards"])
     if total < cfg.data.batch_size * cfg.run.num_workers:

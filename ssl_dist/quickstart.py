@@ -34,7 +34,8 @@ def make_dataset(root: Path) -> tuple[str, str]:
         if not (dest / "index.json").exists():
             with tempfile.TemporaryDirectory(prefix="ssl-dist-synthetic-") as tmp:
                 synthetic.write_image_folder(tmp, per_class=per_class, seed=seed)
-                shards.make_shards(tmp, str(dest), samples_per_shard=1000, workers=2)
+                # overwrite: a crash may have left shards without their manifest
+                shards.make_shards(tmp, str(dest), samples_per_shard=1000, workers=2, overwrite=True)
         urls.append(str(dest))
     return urls[0], urls[1]
 

@@ -84,10 +84,24 @@ def check_writable_root(url: str, options: dict | None = None) -> None:
     if not url.startswith(("s3://", "s3a://", "gs://")):
         os.makedirs(path, exist_ok=True)
         return
+    check_bucket(url, options)
+
+
+def check_bucket(url: str, options: dict | None = None) -> None:
+    """Raise a clear StorageError if the bucket of an object-store `url` is missing or refuses
+    our credentials; nothing for local paths. Called by the driver before work starts."""
+    if not url.startswith(("s3://", "s3a://", "gs://")):
+        return
+    fs, path = filesystem(url, options)
     bucket = path.split("/", 1)[0]
     with translate_errors(url):
-        if not fs.exists(bucket):
-            raise FileNotFoundError(bucket)
+        # info() is a HEAD request: 404 for a missing bucket, 403 for refused credentials
+        # (exists() would turn both into a silent False).
+        fs.invalidate_cache(bucket)
+        try:
+            fs.info(bucket)
+        except FileNotFoundError:
+            raise StorageError(f"bucket {bucket!r} of {url} does not exist: create it or fix the URL") from None
 
 
 class translate_errors:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -13,6 +14,16 @@ from ssl_dist.engine import build_engine
 from ssl_dist.loss import nt_xent
 from ssl_dist.metrics import MetricsLog
 from ssl_dist.model import build_model
+
+
+def say(message: str) -> None:
+    """One progress line to the worker's stdout, which Ray forwards to the driver.
+
+    Not `print`: Ray Train patches print into its logger, and the driver would show each
+    line twice.
+    """
+    sys.stdout.write(f"[ssl-dist] {message}\n")
+    sys.stdout.flush()
 
 
 def train_loop(loop_config: dict) -> None:
@@ -48,7 +59,7 @@ def train_loop(loop_config: dict) -> None:
     if resumed_from is not None:
         state = checkpoint.restore_from_ray(resumed_from, engine=engine, loader=loader, rank=rank, world_size=world)
         if rank == 0:
-            print(f"[ssl-dist] resumed from step {state.step} (epoch {loader.epoch})", flush=True)
+            say(f"resumed from step {state.step} (epoch {loader.epoch})")
 
     log = MetricsLog(loop_config["run_url"], start_step=state.step, max_steps=cfg.train.max_steps,
                      global_batch=loader.layout.global_batch,
@@ -81,7 +92,7 @@ def train_loop(loop_config: dict) -> None:
                 if log is not None:
                     row = log.add(step=state.step, epoch=loader.epoch, loss=float(mean_loss),
                                   lr=engine.get_lr()[0], samples_seen=state.samples_seen)
-                    print("[ssl-dist] " + log.progress_line(row), flush=True)
+                    say(log.progress_line(row))
                     log.flush()
 
             # ---- checkpoint: all ranks write their part; Ray Train merges and persists them

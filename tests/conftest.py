@@ -82,8 +82,11 @@ def bucket(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory):
-    """Address of a local Ray cluster (`ray start --head`, 4 logical CPUs), stopped at the end."""
+def ray_address(tmp_path_factory, s3_endpoint):
+    """Address of a local Ray cluster (`ray start --head`, 4 logical CPUs), stopped at the end.
+
+    Started after the S3 server: its workers inherit the AWS_* variables, as a user's do.
+    """
     os.environ["RAY_AUTH_MODE"] = "disabled"
     port = free_port()
     temp = tmp_path_factory.mktemp("ray")
@@ -114,3 +117,31 @@ def cifar_slice(dest: Path, per_class: int, split: str = "train") -> Path:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(tar.extractfile(member).read())
     return dest
+
+
+def ssl_dist_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the `ssl-dist` command as a user would; returns the completed process (text output)."""
+    exe = shutil.which("ssl-dist", path=str(Path(sys.executable).parent))
+    return subprocess.run([exe, *args], env={**os.environ, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def cifar_shards_s3(tmp_path_factory, s3_endpoint):
+    """Shards of a real CIFAR-10 slice (20 train / 10 test images per class) in a moto bucket.
+
+    Returns {"train": url, "test": url, "train_src": ImageFolder path, "bucket": name}.
+    """
+    import boto3
+
+    from ssl_dist.shards import make_shards
+
+    root = tmp_path_factory.mktemp("cifar")
+    train_src = cifar_slice(root / "train", per_class=20)
+    test_src = cifar_slice(root / "test", per_class=10, split="test")
+    bucket = "cifar-shards"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    make_shards(str(train_src), f"s3://{bucket}/train", samples_per_shard=45, workers=2)
+    make_shards(str(test_src), f"s3://{bucket}/test", samples_per_shard=50, workers=2)
+    return {"train": f"s3://{bucket}/train", "test": f"s3://{bucket}/test", "train_src": train_src,
+            "bucket": bucket}

@@ -1,0 +1,369 @@
+"""Contrastive losses whose negatives come from every rank: NT-Xent, CLIP InfoNCE, SigLIP.
+
+Contract (DESIGN.md, "Loss"): every rank of the process group calls the loss with its own
+local (n, D) embeddings and gets back *its* scalar loss, the mean over its own anchors. The
+other ranks' embeddings arrive through an autograd-aware collective whose backward sums the
+gradients of all ranks into the rank that owns the embedding, so on rank r
+
+    d loss_r / d z_r  (after the gather's backward)  ==  d (sum_q loss_q) / d z_r,
+
+and once DeepSpeed (or DDP) averages parameter gradients over the W ranks the gradient is
+that of mean_q loss_q: the loss one process would compute on the global batch of N = n x W
+samples. A rank's loss is not the global loss, only the mean over ranks is: log that.
+
+How the work is done. Each loss is a sum over a (local anchors x global columns) matrix of
+logits. Because the loss is a scalar, its gradient with respect to everything is known up to
+one factor (the incoming gradient) as soon as the forward pass has the logits: so the forward
+pass computes loss *and* gradients chunk by chunk over anchor rows, frees each chunk, and the
+backward only multiplies the kept (n, D)-sized gradients by that factor. This is the
+"recompute in backward" scheme with the recomputation removed: the same O(chunk x 2N) peak
+memory, and exactly the three matrix products the loss needs (logits, and the two gradient
+products), never a fourth. chunk_size=None uses one chunk (all rows): one (2n x 2N) matrix.
+The price: a forward under autograd that is never backpropagated did the gradient work for
+nothing; evaluate under torch.no_grad(), which skips it.
+
+Numerics. Inputs are L2-normalised, so every logit is bounded by the scale: when exp cannot
+overflow or underflow in the compute dtype the row max is not needed; otherwise the usual
+max subtraction is used (log-sum-exp). fp16/bf16 inputs are computed in fp32; fp64 stays fp64.
+Without an initialised process group, or with a group of one, this is the single-process loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+__all__ = ["nt_xent", "clip_loss", "siglip_loss", "gather", "rank_and_world"]
+
+# CLIP clips the learnable temperature so that logits are never scaled by more than 100.
+CLIP_MAX_LOGIT_SCALE = math.log(100.0)
+
+# |logit| bound below which exp(logit) and exp(-logit) are normal numbers with room to sum
+# millions of them: then log-sum-exp needs no row max, and SigLIP's exp needs no clamp.
+_EXP_SAFE = {torch.float32: 40.0, torch.float64: 300.0}
+# SigLIP: logits above this are clamped before exp; softplus(l) = l there, to 1e-35 (fp32).
+_SIGMOID_CLAMP = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+# --------------------------------------------------------------------------------------------
+# process group
+# --------------------------------------------------------------------------------------------
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(rank in `group`, size of `group`); (0, 1) when no process group is initialised.
+
+    Any rank may call it; it communicates nothing.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather `x` (n, ...) from every rank into (W*n, ...), rank q's rows at [q*n, (q+1)*n).
+
+    Every rank of `group` calls it with the same shape. Autograd-aware: the backward is a
+    reduce-scatter with SUM, so the gradient that any rank's loss puts on rank q's rows
+    reaches rank q, summed over ranks (that sum, divided by W by DeepSpeed's averaging, is
+    the gradient of the mean loss). Identity with world size 1 or no process group.
+    """
+    _, world = rank_and_world(group)
+    if world == 1:
+        return x
+    # torch's functional collective (what open_clip uses). In torch 2.14 all_gather_single
+    # carries autograd itself, its backward being reduce_scatter_tensor(SUM), which gloo on
+    # CPU supports too; all_gather_tensor_autograd and torch.distributed.nn's all_gather are
+    # deprecated there. tests/test_loss.py checks that the backward sums over ranks.
+    from torch.distributed import _functional_collectives as fc
+
+    gather_fn = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather_fn(x.contiguous(), 0, group if group is not None else dist.group.WORLD)
+    # An AsyncCollectiveTensor: wait now, so the Functions below get a plain tensor.
+    wait = getattr(out, "wait", None)
+    return wait() if callable(wait) else out
+
+
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (the exactness tests); fp32, bf16 and fp16 are computed in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    # Inside Function.forward, ctx.needs_input_grad ignores torch.no_grad(): decide out here.
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _chunks(n: int, chunk_size: int | None):
+    step = n if chunk_size is None else max(1, int(chunk_size))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+# --------------------------------------------------------------------------------------------
+# sum over anchor rows of log-sum-exp over columns, with its gradient computed in the forward
+# --------------------------------------------------------------------------------------------
+
+
+class _SumRowLogSumExp(torch.autograd.Function):
+    """sum_i log sum_j exp(scale <a_i, c_j>), j over all columns but the anchor's own.
+
+    a (m, D) anchors and cols (M, D) columns, both L2-normalised; scale a 0-dim or (1,)
+    tensor; self_col: column of anchor 0 (anchor i's own column is self_col + i), or None.
+    Per chunk of rows: E = exp(logits - shift) (in place), p = E / rowsum, and
+    d/da_i = scale sum_j p_ij c_j, d/dc_j = scale sum_i p_ij a_i, d/dscale = sum_i <d/da_i, a_i> / scale.
+    """
+
+    @staticmethod
+    def forward(ctx, a, cols, scale, self_col, chunk_size, need_grad):
+        cols = cols.contiguous()
+        # logits lie in [-scale, scale]: exp is safe without a row max when scale is moderate
+        use_max = scale.item() > _EXP_SAFE[a.dtype]
+        total = a.new_zeros(())
+        grad_a = torch.empty_like(a) if need_grad else None
+        grad_cols_t = a.new_zeros(a.shape[1], cols.shape[0]) if need_grad else None  # (D, M)
+        for i0, i1 in _chunks(a.shape[0], chunk_size):
+            scaled = a[i0:i1] * scale
+            e = scaled @ cols.T  # the chunk's logits; the only (rows x M) matrix
+            if self_col is not None:
+                rows = torch.arange(i1 - i0, device=e.device)
+                e[rows, self_col + i0 + rows] = float("-inf")
+            if use_max:
+                shift = e.amax(dim=1, keepdim=True)
+                e.sub_(shift)
+            e.exp_()
+            rowsum = e.sum(dim=1)
+            lse = rowsum.log()
+            total += lse.sum() + (shift.sum() if use_max else 0.0)
+            if need_grad:
+                # p = e / rowsum is never formed: 1/rowsum is folded into the (rows, D) factors
+                inv = rowsum.reciprocal().unsqueeze(1)
+                grad_a[i0:i1] = (e @ cols).mul_(inv * scale)
+                grad_cols_t.addmm_((scaled * inv).T, e)  # (D, rows) @ (rows, M): the faster layout
+            del e
+        if need_grad:
+            grad_scale = ((grad_a * a).sum() / scale).reshape(scale.shape)
+            ctx.save_for_backward(grad_a, grad_cols_t.T, grad_scale)
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_a, grad_cols, grad_scale = ctx.saved_tensors
+        return grad_a * g, grad_cols * g, grad_scale * g, None, None, None
+
+
+def _sum_row_lse(a, cols, scale, *, self_col=None, chunk_size=None):
+    need = _needs_grad(a, cols, scale)
+    return _SumRowLogSumExp.apply(a, cols, scale, self_col, chunk_size, need)
+
+
+# --------------------------------------------------------------------------------------------
+# NT-Xent (SimCLR)
+# --------------------------------------------------------------------------------------------
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, chunk_size: int | None = None,
+            group=None) -> torch.Tensor:
+    """NT-Xent (SimCLR) loss of this rank, with negatives from every rank of `group`.
+
+    z1, z2: (n, D) embeddings of the two views of this rank's n samples (any float dtype;
+    cosine similarity is used, so they need not be normalised). Every rank of `group` calls
+    it with the same n. The global batch has 2N views (N = n x W); each of this rank's 2n
+    views is an anchor whose positive is the other view of its sample and whose negatives are
+    the other 2N - 2 views (itself excluded). Returns the mean over this rank's 2n anchors of
+    -log softmax(positive) at temperature `temperature`: a scalar, fp32 (fp64 for fp64 input).
+
+    chunk_size: anchor rows per chunk; None computes all 2n rows at once. The loss's peak
+    memory is about chunk_size x 2N x 4 bytes (fp32), plus a few (2N, D) matrices.
+    """
+    dtype = _compute_dtype(z1, z2)
+    rank, _ = rank_and_world(group)
+    n = z1.shape[0]
+    z1 = F.normalize(z1.to(dtype), dim=1)
+    z2 = F.normalize(z2.to(dtype), dim=1)
+    anchors = torch.cat([z1, z2])  # (2n, D); rank q's block of the gather is [z1_q; z2_q]
+    cols = gather(anchors, group)  # (2N, D)
+    inv_t = torch.tensor(1.0 / temperature, dtype=dtype, device=z1.device)
+    # anchor i's own column is its global row, rank * 2n + i
+    lse = _sum_row_lse(anchors, cols, inv_t, self_col=rank * 2 * n, chunk_size=chunk_size)
+    # the positive pair lives on this rank: its logit needs nothing gathered
+    pos = (z1 * z2).sum() * inv_t
+    return (lse - 2 * pos) / (2 * n)
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP: symmetric InfoNCE over paired inputs
+# --------------------------------------------------------------------------------------------
+
+
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, chunk_size: int | None = None,
+              group=None) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE loss of this rank, with negatives from every rank of `group`.
+
+    a, b: (n, D) embeddings of the two fields of this rank's n pairs (image/text, ...);
+    cosine similarity is used. Every rank calls it with the same n. logit_scale: the learnable
+    log of the inverse temperature, as CLIP stores it (init log(1/0.07)), a 0-dim or (1,)
+    tensor (as a DeepSpeed parameter use (1,): DeepSpeed 0.19 cannot broadcast 0-dim
+    parameters); the logits are scaled by exp(min(logit_scale, log 100)), CLIP's clipping,
+    done here so no caller can forget it. Each of this rank's n a-rows is classified among
+    the N b-rows of the global batch and vice versa; returns (mean_i CE(a_i) + mean_i
+    CE(b_i)) / 2 over this rank's n pairs.
+
+    chunk_size: anchor rows per chunk (None: all n at once); peak memory ~ chunk x N x 4 B.
+    """
+    dtype = _compute_dtype(a, b)
+    n, d = a.shape
+    a = F.normalize(a.to(dtype), dim=1)
+    b = F.normalize(b.to(dtype), dim=1)
+    both = gather(torch.cat([a, b], dim=1), group)  # one collective for both fields: (N, 2D)
+    scale = torch.as_tensor(logit_scale).to(dtype).clamp(max=CLIP_MAX_LOGIT_SCALE).exp()
+    lse = (_sum_row_lse(a, both[:, d:], scale, chunk_size=chunk_size)
+           + _sum_row_lse(b, both[:, :d], scale, chunk_size=chunk_size))
+    pos = (a * b).sum() * scale  # local row i's label is global column rank * n + i
+    return (lse - 2 * pos) / (2 * n)
+
+
+# --------------------------------------------------------------------------------------------
+# SigLIP: sigmoid loss, negatives passed around a ring
+# --------------------------------------------------------------------------------------------
+
+
+def _ring_peers(group) -> tuple[int, int]:
+    """Global ranks of the right (send to) and left (receive from) neighbours in `group`."""
+    rank, world = rank_and_world(group)
+    right, left = (rank + 1) % world, (rank - 1) % world
+    if group is None or group is dist.group.WORLD:
+        return right, left
+    return dist.get_global_rank(group, right), dist.get_global_rank(group, left)
+
+
+def _shift_right(t: torch.Tensor, group):
+    """Start sending `t` to the right neighbour and receiving its like from the left one.
+
+    Returns (works, received): wait on every work before reading `received` or reusing `t`.
+    """
+    right, left = _ring_peers(group)
+    received = torch.empty_like(t)
+    ops = [dist.P2POp(dist.isend, t, right, group), dist.P2POp(dist.irecv, received, left, group)]
+    return dist.batch_isend_irecv(ops), received
+
+
+def _wait_all(works) -> None:
+    for w in works:
+        w.wait()
+
+
+def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0):
+    """Loss sum and d loss / d logits for one chunk of rows against one block of columns.
+
+    Every logit l = <scaled_i, blk_j> + bias is scored as a negative, softplus(l), whose
+    gradient is sigmoid(l); the caller adds the positives' correction. diag0: for the own
+    block, the column of the chunk's first row (its positive), else None; the gradient
+    there becomes sigmoid(l) - 1. Returns (loss sum, sigmoid matrix or None).
+    """
+    e = scaled @ blk.T
+    e.add_(bias)
+    excess = 0.0
+    if clamp is not None:  # exp would overflow: softplus(l) = l (to 1e-35) above `clamp`
+        excess = (torch.clamp(e, min=clamp) - clamp).sum()
+        e.clamp_(max=clamp)
+    e.exp_()
+    tmp = torch.log1p(e)  # softplus(l) = log(1 + exp(l))
+    loss = tmp.sum() + excess
+    if not need_grad:
+        return loss, None
+    torch.add(e, 1.0, out=tmp)
+    p = e.div_(tmp)  # sigmoid(l) = exp(l) / (1 + exp(l)), in place
+    del tmp
+    if diag0 is not None:
+        rows = torch.arange(p.shape[0], device=p.device)
+        p[rows, diag0 + rows] -= 1.0
+    return loss, p
+
+
+class _SigLipRing(torch.autograd.Function):
+    """sum over this rank's n anchors and all N columns of the SigLIP sigmoid loss.
+
+    The other field's blocks go around the ring: at step k (k = 0..W-1) this rank holds the
+    block of rank (rank - k) mod W together with that block's gradient accumulated by the
+    ranks it has visited. It adds its own share, and passes both to the right; after W steps
+    each block's gradient, summed over every rank, is back at the rank that owns it. The
+    next block is received while the current one is being used, so a rank holds at most
+    two blocks of (n, D), their gradients, and one chunk of logits. As in the other losses
+    the gradient is computed in the forward pass; the backward only scales it.
+
+    Per logit l with label y (+1 for the own pair, -1 otherwise): loss = softplus(-y l) =
+    softplus(l) - [y=+1] l, and d loss / d l = sigmoid(l) - [y=+1].
+    """
+
+    @staticmethod
+    def forward(ctx, a, b, scale, bias, group, chunk_size, need_grad):
+        _, world = rank_and_world(group)
+        n = a.shape[0]
+        bound = (scale.abs() + bias.abs()).item()  # |logit| <= scale + |bias| for unit vectors
+        clamp = _SIGMOID_CLAMP[a.dtype] if bound > _SIGMOID_CLAMP[a.dtype] else None
+        total = a.new_zeros(())
+        grad_a = torch.zeros_like(a) if need_grad else None
+        grad_bias = a.new_zeros(())
+        blk = b.contiguous()
+        acc_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of blk, transposed
+        for k in range(world):
+            pending = _shift_right(blk, group) if k + 1 < world else None  # overlaps the products
+            blk_sum = blk.sum(dim=0)
+            for i0, i1 in _chunks(n, chunk_size):
+                scaled = a[i0:i1] * scale
+                loss, p = _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, i0 if k == 0 else None)
+                total += loss
+                if need_grad:
+                    grad_bias += p.sum()
+                    grad_a[i0:i1].addmm_(p, blk)
+                    acc_t.addmm_(scaled.T, p)
+                del p
+            del blk_sum
+            if world > 1 and need_grad:  # the gradient follows its block (to its owner, last)
+                works, acc_t = _shift_right(acc_t, group)
+                _wait_all(works)
+            if pending is not None:
+                _wait_all(pending[0])
+                blk = pending[1]
+        # positives: only in the own block, on its diagonal; softplus(-l) = softplus(l) - l
+        total -= ((a * b).sum() * scale + bias * n)
+        if need_grad:
+            grad_scale = (grad_a * a).sum().reshape(scale.shape)  # sum_ij dl_ij <a_i, b_j>
+            grad_a.mul_(scale)
+            ctx.save_for_backward(grad_a, acc_t.T, grad_scale, grad_bias.reshape(bias.shape))
+        return total
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
+        return grad_a * g, grad_b * g, grad_scale * g, grad_bias * g, None, None, None
+
+
+def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
+                group=None, chunk_size: int | None = None) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss of this rank; negatives travel around a ring of ranks.
+
+    a, b: (n, D) embeddings of the two fields of this rank's n pairs (cosine similarity is
+    used). Every rank of `group` calls it with the same n. logit_scale: learnable log of the
+    logit scale (SigLIP's t', init log 10); logit_bias: learnable bias (init -10); both 0-dim
+    or (1,) tensors ((1,) as DeepSpeed parameters, see clip_loss). Each (a_i, b_j), a_i one of
+    this rank's rows and b_j any of the N rows of the global batch, is a binary problem
+    (positive iff the same pair); returns the sum over j, mean over this rank's i, of
+    -log sigmoid(label * (exp(logit_scale) <a_i, b_j> + logit_bias)).
+
+    No rank ever holds the gathered batch: one neighbour's (n, D) block at a time comes by
+    send/recv (with its gradient, which travels back to its owner the same way).
+    chunk_size: rows per chunk of each (n x n) block (None: the whole block); peak memory of
+    the loss ~ 2 x chunk x n x 4 B plus a few (n, D) blocks. (chunk_size is an addition to
+    the issue's signature, keyword-only with a default, so the stated API is unchanged.)
+    """
+    dtype = _compute_dtype(a, b)
+    a = F.normalize(a.to(dtype), dim=1)
+    b = F.normalize(b.to(dtype), dim=1)
+    scale = torch.as_tensor(logit_scale).to(dtype).exp()
+    bias = torch.as_tensor(logit_bias).to(dtype=dtype, device=a.device)
+    need = _needs_grad(a, b, scale, bias)
+    return _SigLipRing.apply(a, b, scale, bias, group, chunk_size, need) / a.shape[0]

@@ -1,0 +1,177 @@
+"""End to end: `ssl-dist pretrain` on a real local Ray cluster, 2 DeepSpeed ZeRO-2 workers,
+real CIFAR-10 shards read from the moto S3 server, checkpoints written there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+from PIL import Image
+from conftest import ssl_dist_cli
+
+from ssl_dist import metrics, storage
+
+SMALL_RUN = [
+    "data.batch_size=16", "data.loader_workers=1", "data.image_size=32",
+    "model.cifar_stem=false", "model.proj_hidden_dim=128", "model.proj_dim=32",
+    "optim.lr=0.002", "optim.warmup_steps=3", "train.zero_stage=2", "train.log_every=1",
+    "run.num_workers=2", "run.cpus_per_worker=1",
+]
+
+
+def run_args(shards, name, *extra):
+    return ["pretrain", f"data.train_url={shards['train']}", f"run.storage_path=s3://{shards['bucket']}/runs",
+            f"run.name={name}", *SMALL_RUN, *extra]
+
+
+def checkpoints(run_url: str) -> list[str]:
+    """Complete checkpoints of a run (every rank's stream state and the meta file present)."""
+    fs, path = storage.filesystem(run_url)
+    if not fs.exists(path):
+        return []
+    fs.invalidate_cache()
+    done = []
+    for entry in sorted(fs.ls(path, detail=False)):
+        if entry.rsplit("/", 1)[-1].startswith("checkpoint-"):
+            names = {p.rsplit("/", 1)[-1] for p in fs.ls(entry, detail=False)}
+            if {"meta.json", "stream-rank00000.json", "stream-rank00001.json"} <= names:
+                done.append(entry)
+    return done
+
+
+def steps_of(history: list[list[dict]]) -> list[list[int]]:
+    return [[int(row["step"]) for row in attempt] for attempt in history]
+
+
+def test_pretrain_two_workers_from_s3_loss_falls_then_evaluate(cifar_shards_s3, ray_address):
+    run_url = f"s3://{cifar_shards_s3['bucket']}/runs/e2e"
+    done = ssl_dist_cli(*run_args(cifar_shards_s3, "e2e", "train.max_steps=36", "train.checkpoint_every=12"),
+                        env={"RAY_ADDRESS": ray_address})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    history = metrics.read_history(run_url)
+    assert steps_of(history) == [list(range(1, 37))]
+    losses = [float(row["loss"]) for row in history[0]]
+    assert sum(losses[-6:]) / 6 < sum(losses[:6]) / 6 - 0.1, losses
+    assert [c.rsplit("-", 1)[1] for c in checkpoints(run_url)] == ["00000024", "00000036"]  # newest 2 kept
+    assert "step 36/36" in done.stdout + done.stderr  # progress reached the driver
+
+    # The resolved config is next to the run, and the checkpoint evaluates without Ray.
+    fs, path = storage.filesystem(run_url)
+    assert "max_steps: 36" in fs.cat_file(f"{path}/config.yaml").decode()
+    newest = "s3://" + checkpoints(run_url)[-1]
+    meta = json.loads(fs.cat_file(f"{newest[5:]}/meta.json"))
+    assert meta["step"] == 36 and meta["samples_seen"] == 36 * 32
+    ev = ssl_dist_cli("evaluate", newest, "--train", cifar_shards_s3["train"], "--test", cifar_shards_s3["test"],
+                      "--k", "20", "--json")
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    scores = json.loads(ev.stdout.strip().splitlines()[-1])
+    assert 0.0 <= scores["knn_top1"] <= 1.0 and 0.0 <= scores["knn_top1_random_init"] <= 1.0
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            found.append(proc)
+    return found
+
+
+def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards_s3, ray_address):
+    run_url = f"s3://{cifar_shards_s3['bucket']}/runs/killed"
+    exe = [sys.executable, "-m", "ssl_dist.cli"]
+    driver = subprocess.Popen([*exe, *run_args(cifar_shards_s3, "killed", "train.max_steps=40",
+                                               "train.checkpoint_every=10", "run.max_failures=2")],
+                              env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoints(run_url):
+            assert driver.poll() is None, driver.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint after 300 s"
+            time.sleep(0.2)
+        victims = train_workers()
+        assert len(victims) == 2
+        os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-3000:]
+
+    attempts = steps_of(metrics.read_history(run_url))
+    assert len(attempts) == 2, attempts
+    first, second = attempts
+    assert first == list(range(1, len(first) + 1))
+    resumed_at = second[0] - 1
+    assert resumed_at % 10 == 0 and 10 <= resumed_at <= first[-1]  # from a checkpoint the first attempt wrote
+    assert second == list(range(resumed_at + 1, 41))
+    assert f"resumed from step {resumed_at}" in output
+
+
+# ---- bad input: one clear message, a non-zero exit ------------------------------------------
+
+
+def test_unknown_config_key_is_a_clear_error():
+    done = ssl_dist_cli("pretrain", "train.max_stepz=3")
+    assert done.returncode == 2
+    assert "unknown config key 'train.max_stepz'" in done.stderr and "train.max_steps" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_bucket_is_a_clear_error(cifar_shards_s3, tmp_path):
+    done = ssl_dist_cli("pretrain", "data.train_url=s3://no-such-bucket/shards",
+                        f"run.storage_path={tmp_path}")
+    assert done.returncode == 2
+    assert "bucket 'no-such-bucket'" in done.stderr and "does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    done = ssl_dist_cli("pretrain", f"data.train_url={cifar_shards_s3['train']}",
+                        "run.storage_path=s3://no-such-runs-bucket/runs")
+    assert done.returncode == 2 and "bucket 'no-such-runs-bucket'" in done.stderr
+
+
+def test_wrong_credentials_are_a_clear_error(tmp_path):
+    from conftest import start_moto
+
+    # A second moto server that checks credentials (IAM auth from the first request on):
+    # keys it does not know are refused, as AWS refuses them.
+    proc, endpoint = start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    wrong = {"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"}
+    (tmp_path / "src" / "cls").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "src" / "cls" / "a.jpg")
+    try:
+        done = ssl_dist_cli("shards", "make", str(tmp_path / "src"), "s3://some-bucket/x", env=wrong)
+        assert done.returncode == 2, done.stderr
+        assert "refused" in done.stderr and "AWS_ACCESS_KEY_ID" in done.stderr
+        assert "Traceback" not in done.stderr
+        done = ssl_dist_cli("pretrain", "data.train_url=s3://some-bucket/x", f"run.storage_path={tmp_path}/runs",
+                            env=wrong)
+        assert done.returncode == 2 and "refused" in done.stderr, done.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_empty_source_folder_is_a_clear_error_and_writes_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    done = ssl_dist_cli("shards", "make", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert "empty" in done.stderr.lower() and str(tmp_path / "empty") in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path):
+    done = ssl_dist_cli("pretrain", f"data.train_url={tmp_path}", f"run.storage_path={tmp_path}/runs")
+    assert done.returncode == 2 and "no index.json" in done.stderr, done.stderr
+
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
