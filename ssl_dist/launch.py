@@ -43,7 +43,8 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+        # The dashboard process also serves the state API that Ray Train's clean-up uses.
+        ray.init(num_cpus=num_cpus, log_to_driver=True)
 
 
 def run_url(cfg) -> str:

@@ -92,6 +92,13 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def _scalar(x, like: torch.Tensor) -> torch.Tensor:
+    """A float, 0-dim or (1,) tensor as a 0-dim tensor of like's dtype and device (keeps autograd)."""
+    if not torch.is_tensor(x):  # as_tensor(float) would round through fp32 first
+        return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+    return x.to(dtype=like.dtype, device=like.device).reshape(())
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     # Inside Function.forward, ctx.needs_input_grad ignores torch.no_grad(): decide out here.
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
@@ -185,7 +192,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, chunk_siz
     z2 = F.normalize(z2.to(dtype), dim=1)
     anchors = torch.cat([z1, z2])  # (2n, D); rank q's block of the gather is [z1_q; z2_q]
     cols = gather(anchors, group)  # (2N, D)
-    inv_t = torch.tensor(1.0 / temperature, dtype=dtype, device=z1.device)
+    inv_t = _scalar(1.0 / temperature, z1)
     # anchor i's own column is its global row, rank * 2n + i
     lse = _sum_row_lse(anchors, cols, inv_t, self_col=rank * 2 * n, chunk_size=chunk_size)
     # the positive pair lives on this rank: its logit needs nothing gathered
@@ -218,7 +225,7 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     a = F.normalize(a.to(dtype), dim=1)
     b = F.normalize(b.to(dtype), dim=1)
     both = gather(torch.cat([a, b], dim=1), group)  # one collective for both fields: (N, 2D)
-    scale = torch.as_tensor(logit_scale).to(dtype).clamp(max=CLIP_MAX_LOGIT_SCALE).exp()
+    scale = _scalar(logit_scale, a).clamp(max=CLIP_MAX_LOGIT_SCALE).exp()
     lse = (_sum_row_lse(a, both[:, d:], scale, chunk_size=chunk_size)
            + _sum_row_lse(b, both[:, :d], scale, chunk_size=chunk_size))
     pos = (a * b).sum() * scale  # local row i's label is global column rank * n + i
@@ -239,14 +246,15 @@ def _ring_peers(group) -> tuple[int, int]:
     return dist.get_global_rank(group, right), dist.get_global_rank(group, left)
 
 
-def _shift_right(t: torch.Tensor, group):
+def _shift_right(t: torch.Tensor, group, tag: int = 0):
     """Start sending `t` to the right neighbour and receiving its like from the left one.
 
     Returns (works, received): wait on every work before reading `received` or reusing `t`.
+    Blocks and gradients, in flight at once, have the same size: distinct tags keep them apart.
     """
     right, left = _ring_peers(group)
     received = torch.empty_like(t)
-    ops = [dist.P2POp(dist.isend, t, right, group), dist.P2POp(dist.irecv, received, left, group)]
+    ops = [dist.P2POp(dist.isend, t, right, group, tag), dist.P2POp(dist.irecv, received, left, group, tag)]
     return dist.batch_isend_irecv(ops), received
 
 
@@ -311,7 +319,6 @@ class _SigLipRing(torch.autograd.Function):
         acc_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of blk, transposed
         for k in range(world):
             pending = _shift_right(blk, group) if k + 1 < world else None  # overlaps the products
-            blk_sum = blk.sum(dim=0)
             for i0, i1 in _chunks(n, chunk_size):
                 scaled = a[i0:i1] * scale
                 loss, p = _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, i0 if k == 0 else None)
@@ -321,9 +328,8 @@ class _SigLipRing(torch.autograd.Function):
                     grad_a[i0:i1].addmm_(p, blk)
                     acc_t.addmm_(scaled.T, p)
                 del p
-            del blk_sum
             if world > 1 and need_grad:  # the gradient follows its block (to its owner, last)
-                works, acc_t = _shift_right(acc_t, group)
+                works, acc_t = _shift_right(acc_t, group, tag=1)
                 _wait_all(works)
             if pending is not None:
                 _wait_all(pending[0])
@@ -363,7 +369,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
     dtype = _compute_dtype(a, b)
     a = F.normalize(a.to(dtype), dim=1)
     b = F.normalize(b.to(dtype), dim=1)
-    scale = torch.as_tensor(logit_scale).to(dtype).exp()
-    bias = torch.as_tensor(logit_bias).to(dtype=dtype, device=a.device)
+    scale = _scalar(logit_scale, a).exp()
+    bias = _scalar(logit_bias, a)
     need = _needs_grad(a, b, scale, bias)
     return _SigLipRing.apply(a, b, scale, bias, group, chunk_size, need) / a.shape[0]

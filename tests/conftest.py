@@ -93,7 +93,8 @@ def ray_address(tmp_path_factory, s3_endpoint):
     ray = shutil.which("ray", path=str(Path(sys.executable).parent))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     subprocess.run([ray, "start", "--head", f"--port={port}", "--num-cpus=4", "--num-gpus=0",
-                    "--include-dashboard=false", f"--temp-dir={temp}", "--disable-usage-stats"],
+                    "--include-dashboard=true",
+                    f"--dashboard-port={free_port()}", f"--temp-dir={temp}", "--disable-usage-stats"],
                    check=True, env=env, stdout=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     yield address

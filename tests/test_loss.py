@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from ssl_dist import loss as L
 from ssl_dist.gradcache import embedding_grads, surrogate_loss
 
-REL_TOL = 1e-6  # fp64
+REL_TOL = 1e-9  # fp64; the issue asks for 1e-6, the implementation is at ~1e-15
 N_LOCAL = 6  # samples per rank
 DIM = 5
 IN_DIM = 7
@@ -36,10 +36,10 @@ TAU = 0.2
 # ---------------------------------------------------------------------------------------------
 
 
-def ref_nt_xent(z1, z2, params):
+def ref_nt_xent(z1, z2, params, tau=TAU):
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
-    s = z @ z.T / TAU
+    s = z @ z.T / tau
     s = s.masked_fill(torch.eye(2 * n, dtype=torch.bool), float("-inf"))
     labels = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
     per_anchor = F.cross_entropy(s, labels, reduction="none")
@@ -61,9 +61,9 @@ def ref_siglip(a, b, params):
     return -F.logsigmoid(labels * logits).sum(dim=1)
 
 
-def ours(name, a, b, params, chunk, group=None):
+def ours(name, a, b, params, chunk, group=None, tau=TAU):
     if name == "nt_xent":
-        return L.nt_xent(a, b, TAU, chunk_size=chunk, group=group)
+        return L.nt_xent(a, b, tau, chunk_size=chunk, group=group)
     if name == "clip":
         return L.clip_loss(a, b, params[0], chunk_size=chunk, group=group)
     return L.siglip_loss(a, b, params[0], params[1], chunk_size=chunk, group=group)
@@ -137,19 +137,40 @@ def test_bf16_inputs_are_computed_in_fp32(name):
     assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
 
 
-def test_stable_at_extreme_logits():
-    # temperature 1e-3 puts logits near +-1000: a naive exp overflows
-    z1 = torch.randn(8, 4, requires_grad=True)
-    z2 = (z1.detach() + 0.01 * torch.randn(8, 4)).requires_grad_()
-    for chunk in (None, 3):
-        loss = L.nt_xent(z1, z2, 1e-3, chunk_size=chunk)
-        loss.backward()
-        assert torch.isfinite(loss) and torch.isfinite(z1.grad).all() and torch.isfinite(z2.grad).all()
+# Large scales take the other numerical paths: row-max log-sum-exp (scale above 40 in fp32,
+# 300 in fp64) and SigLIP's clamp before exp (scale + |bias| above 80 in fp32, 700 in fp64).
+EXTREME = [("nt_xent", 1e-3, ()), ("clip", None, (math.log(100),)), ("siglip", None, (7.0, -20.0)),
+           ("siglip", None, (math.log(120), -15.0))]
 
 
-def test_chunked_keeps_no_full_similarity_matrix():
-    """Chunked, autograd saves nothing of the size of the (2n x 2N) matrix; unchunked it may."""
-    n, d, chunk = 256, 8, 16
+@pytest.mark.parametrize("name,tau,values", EXTREME)
+def test_extreme_logits_fp64_exact_and_fp32_finite(name, tau, values):
+    kw = {"tau": tau} if tau is not None else {}
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(N_LOCAL, DIM, dtype=torch.float64, generator=g)
+    b = torch.randn(N_LOCAL, DIM, dtype=torch.float64, generator=g)  # losses O(scale), not ~0
+    for dtype, tol in ((torch.float64, REL_TOL), (torch.float32, 1e-3)):
+        for chunk in (None, CHUNK):
+            x, y = a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_()
+            params = [torch.tensor(v, dtype=dtype, requires_grad=True) for v in values]
+            got = ours(name, x, y, params, chunk, **kw)
+            got_grads = torch.autograd.grad(got, [x, y, *params])
+            rx, ry = a.clone().requires_grad_(), b.clone().requires_grad_()
+            rparams = [torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in values]
+            ref = REFS[name](rx, ry, rparams, **kw).mean()
+            ref_grads = torch.autograd.grad(ref, [rx, ry, *rparams])
+            check = Checker(f"{name} {dtype} chunk={chunk}", tol)
+            check("loss", got, ref)
+            for i, (u, v) in enumerate(zip(got_grads, ref_grads)):
+                assert torch.isfinite(u).all()
+                check(f"grad {i}", u, v)
+            check.done()
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_no_similarity_matrix_is_kept_for_backward(chunk):
+    """Autograd keeps only (2N, D)-sized tensors: gradients are computed in the forward pass."""
+    n, d = 256, 8
     z1 = torch.randn(n, d, requires_grad=True)
     z2 = torch.randn(n, d, requires_grad=True)
     largest = []
@@ -161,7 +182,7 @@ def test_chunked_keeps_no_full_similarity_matrix():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = L.nt_xent(z1, z2, 0.1, chunk_size=chunk)
     loss.backward()
-    assert max(largest) <= 2 * n * d, max(largest)  # embeddings only, O(2N x D)
+    assert max(largest) <= 2 * n * d, max(largest)  # (2n x 2N) would be 2n * 2n  # embeddings only, O(2N x D)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,18 @@ def checkpoints(run_url: str) -> list[str]:
     return done
 
 
+def registered_checkpoint(run_url: str) -> str | None:
+    """The newest checkpoint Ray Train's controller has registered (what a restart gets back)."""
+    fs, path = storage.filesystem(run_url)
+    fs.invalidate_cache()
+    try:
+        snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
 def steps_of(history: list[list[dict]]) -> list[list[int]]:
     return [[int(row["step"]) for row in attempt] for attempt in history]
 
@@ -76,12 +88,11 @@ def test_pretrain_two_workers_from_s3_loss_falls_then_evaluate(cifar_shards_s3, 
 
 
 def train_workers() -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = " ".join(proc.info["cmdline"] or [])
-        if cmdline.startswith("ray::RayTrainWorker"):
-            found.append(proc)
-    return found
+    """Ray Train's worker processes (not their forked data-loader children, which keep the
+    command line but are renamed pt_data_worker)."""
+    return [proc for proc in psutil.process_iter(["name", "cmdline"])
+            if proc.info["name"] == "ray::RayTrainWorker"
+            and " ".join(proc.info["cmdline"] or []).startswith("ray::RayTrainWorker")]
 
 
 def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards_s3, ray_address):
@@ -93,7 +104,8 @@ def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards
                               stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300
-        while not checkpoints(run_url):
+        # Kill once a checkpoint counts: persisted by every rank and registered by Ray Train.
+        while registered_checkpoint(run_url) is None:
             assert driver.poll() is None, driver.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.2)
