@@ -59,6 +59,8 @@ class LossConfig:
     """Contrastive loss; negatives come from every worker."""
     temperature: float = 0.2
     """Softmax temperature of NT-Xent."""
+    chunk_size: int = 0
+    """Anchor rows per chunk of the similarity matrix (recomputed in backward); 0 computes it whole."""
 
 
 @dataclass
@@ -81,6 +83,8 @@ class TrainConfig:
     """Optimizer steps of the whole run."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage, 0 to 3."""
+    accumulate: int = 1
+    """Micro-batches per optimizer step, with gradient caching: each anchor sees batch_size x accumulate x workers negatives."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Numeric precision of the engine (bf16 on GPUs that support it)."""
     checkpoint_every: int = 50
@@ -143,11 +147,14 @@ class Config:
         if not 0 <= self.train.zero_stage <= 3:
             raise ConfigError(f"train.zero_stage={self.train.zero_stage}: allowed values are 0, 1, 2, 3")
         for key, value in [("data.batch_size", self.data.batch_size), ("run.num_workers", self.run.num_workers),
+                           ("train.accumulate", self.train.accumulate),
                            ("train.max_steps", self.train.max_steps), ("data.image_size", self.data.image_size)]:
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be at least 1")
         if self.data.loader_workers < 0:
             raise ConfigError(f"data.loader_workers={self.data.loader_workers}: must be 0 or more")
+        if self.loss.chunk_size < 0:
+            raise ConfigError(f"loss.chunk_size={self.loss.chunk_size}: must be 0 (whole) or positive")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
 

@@ -15,8 +15,8 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     """The DeepSpeed JSON config for a `config.Config` run on `world_size` ranks."""
     ds = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "train_batch_size": cfg.data.batch_size * world_size,
-        "gradient_accumulation_steps": 1,
+        "train_batch_size": cfg.data.batch_size * world_size * cfg.train.accumulate,
+        "gradient_accumulation_steps": cfg.train.accumulate,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         # Our optimizers are torch's own: DeepSpeed only vouches for its fused ones.
         "zero_allow_untested_optimizer": True,

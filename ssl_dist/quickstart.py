@@ -20,7 +20,7 @@ QUICKSTART = {
     "model": {"arch": "resnet18", "cifar_stem": False, "proj_hidden_dim": 256, "proj_dim": 64},
     "loss": {"temperature": 0.2},
     "optim": {"name": "adamw", "lr": 2e-3, "warmup_steps": 20},
-    "train": {"max_steps": 300, "zero_stage": 2, "checkpoint_every": 100, "log_every": 20},
+    "train": {"max_steps": 200, "zero_stage": 2, "checkpoint_every": 100, "log_every": 20},
     "run": {"name": "quickstart", "num_workers": 2},
 }
 TRAIN_PER_CLASS, TEST_PER_CLASS = 1000, 200

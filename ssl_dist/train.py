@@ -11,6 +11,7 @@ import torch.distributed as dist
 from ssl_dist import checkpoint, config, data
 from ssl_dist.augment import TwoViews
 from ssl_dist.engine import build_engine
+from ssl_dist.gradcache import embedding_grads, surrogate_loss
 from ssl_dist.loss import nt_xent
 from ssl_dist.metrics import MetricsLog
 from ssl_dist.model import build_model
@@ -67,19 +68,18 @@ def train_loop(loop_config: dict) -> None:
     running_loss = torch.zeros(())
     steps_in_window = 0
 
+    micro_batches = []  # outside the epoch loop: an accumulation may span two epochs
     while state.step < cfg.train.max_steps:
         for batch in loader:
-            # ---- forward both views in one pass (BatchNorm sees the same statistics for both)
-            views = torch.cat([batch["view1"], batch["view2"]])
-            z1, z2 = engine(views).chunk(2)
-            # ---- NT-Xent with negatives from every rank; this rank's mean over its anchors
-            loss = nt_xent(z1, z2, cfg.loss.temperature)
-            engine.backward(loss)
-            engine.step()
+            micro_batches.append(batch)
+            if len(micro_batches) < cfg.train.accumulate:
+                continue
+            loss = contrastive_step(engine, micro_batches, cfg)
+            micro_batches = []
 
             state.step += 1
-            state.samples_seen += loader.layout.global_batch
-            running_loss += loss.detach()
+            state.samples_seen += loader.layout.global_batch * cfg.train.accumulate
+            running_loss += loss
             steps_in_window += 1
 
             # ---- metrics: one all-reduce per log interval, not per step
@@ -103,3 +103,41 @@ def train_loop(loop_config: dict) -> None:
                                            world_size=world, config=loop_config["config"])
             if state.step >= cfg.train.max_steps:
                 break
+
+
+def embed(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z1, z2), each (b, D): both views through the model in one pass, so that BatchNorm
+    normalises them with the same statistics."""
+    views = torch.cat([batch["view1"], batch["view2"]])
+    return engine(views).chunk(2)
+
+
+def contrastive_step(engine, micro_batches: list[dict], cfg) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches; returns this rank's loss (detached).
+
+    Every rank calls it with the same number of micro-batches (the loss gathers from all).
+    With one micro-batch it is the plain step. With k > 1 it is gradient caching: the loss
+    sees all k micro-batches of every rank as negatives, while the encoder holds the
+    activations of one micro-batch at a time.
+    """
+    def loss_fn(z1, z2):
+        # NT-Xent with negatives from every rank; this rank's mean over its own anchors.
+        return nt_xent(z1, z2, cfg.loss.temperature, chunk_size=cfg.loss.chunk_size or None)
+
+    if len(micro_batches) == 1:
+        loss = loss_fn(*embed(engine, micro_batches[0]))
+        engine.backward(loss)
+        engine.step()
+        return loss.detach()
+
+    # ---- 1. embed every micro-batch without a graph
+    with torch.no_grad():
+        cached = [embed(engine, batch) for batch in micro_batches]
+    # ---- 2. loss over the whole accumulated batch, gradient w.r.t. the embeddings only
+    loss, grads = embedding_grads(loss_fn, cached)
+    # ---- 3. re-run each micro-batch with a graph and push its slice of that gradient in;
+    # the loss is already a mean over the accumulated batch, so DeepSpeed must not divide by k
+    for batch, grad in zip(micro_batches, grads):
+        engine.backward(surrogate_loss(embed(engine, batch), grad), scale_wrt_gas=False)
+        engine.step()  # DeepSpeed averages over ranks and updates on the k-th micro-batch
+    return loss
