@@ -1,0 +1,77 @@
+"""The loop's optimizer step in a real 2-rank DeepSpeed engine (gloo): gradient caching over
+k micro-batches gives the same update as one step over the whole batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from ssl_dist import config
+
+MICRO, ACCUMULATE, WORLD = 4, 3, 2
+
+
+def tiny_model() -> torch.nn.Module:
+    # No BatchNorm: its batch statistics differ between a micro-batch and the whole batch,
+    # which would make the two runs differ for a reason unrelated to the gradient.
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 32), torch.nn.Tanh(),
+                               torch.nn.Linear(32, 8))
+
+
+def batches_of(rank: int) -> list[dict]:
+    """This rank's ACCUMULATE micro-batches of MICRO two-view samples (fixed random data)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return [{"view1": torch.randn(MICRO, 3, 4, 4, generator=g), "view2": torch.randn(MICRO, 3, 4, 4, generator=g)}
+            for _ in range(ACCUMULATE)]
+
+
+def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.train import contrastive_step
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    micro = batches_of(rank)
+    whole = [{k: torch.cat([b[k] for b in micro]) for k in ("view1", "view2")}]
+    results = {}
+    for name, accumulate, batches, batch_size in (("whole", 1, whole, MICRO * ACCUMULATE),
+                                                  ("cached", ACCUMULATE, micro, MICRO)):
+        cfg = config.load(None, [f"data.batch_size={batch_size}", f"train.accumulate={accumulate}",
+                                 f"train.zero_stage={zero_stage}", "optim.name=sgd", "optim.lr=0.5",
+                                 "optim.momentum=0", "optim.weight_decay=0", "optim.warmup_steps=0",
+                                 "loss.temperature=0.5", "loss.chunk_size=5", "train.max_steps=10"])
+        engine = build_engine(tiny_model(), cfg, WORLD)
+        loss = contrastive_step(engine, batches, cfg)
+        params = [p.detach().clone() for p in engine.module.parameters()]
+        if zero_stage == 3:
+            from deepspeed import zero
+
+            with zero.GatheredParameters(list(engine.module.parameters())):
+                params = [p.detach().clone() for p in engine.module.parameters()]
+        results[name] = (float(loss), params)
+    if rank == 0:
+        out.update(results)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_gradient_caching_step_equals_whole_batch_step(zero_stage):
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(run_rank, args=(free_port(), zero_stage, out), nprocs=WORLD, join=True)
+        results = dict(out)
+    (loss_whole, p_whole), (loss_cached, p_cached) = results["whole"], results["cached"]
+    assert loss_cached == pytest.approx(loss_whole, rel=1e-5)
+    initial = list(tiny_model().parameters())
+    for before, a, b in zip(initial, p_whole, p_cached):
+        assert not torch.allclose(a, before.detach())  # the step moved the parameters...
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # ...and both ways the same
