@@ -89,8 +89,18 @@ class TrainConfig:
     """Numeric precision of the engine (bf16 on GPUs that support it)."""
     checkpoint_every: int = 50
     """Save a checkpoint every this many steps (and at the end); 0 saves only at the end."""
+    checkpoint_minutes: float = 0.0
+    """Also save a checkpoint once this many minutes have passed since the previous one (rank 0's clock decides for all); 0 turns the timer off."""
+    async_upload: bool = True
+    """Upload checkpoints in the background (Ray Train's ASYNC mode): training waits for the local write only; a checkpoint counts once every rank's upload is done."""
+    indivisible_batch: Literal["round_down", "keep_per_worker", "error"] = "round_down"
+    """When a run resumes (or elastically restarts) on a number of workers that does not divide its global batch (data.batch_size x run.num_workers at its start): round_down uses floor(global / workers) per worker (a slightly smaller global batch), keep_per_worker keeps data.batch_size per worker (global batch = data.batch_size x workers), error stops with a message. When it divides, the global batch is always kept."""
+    log_keys: bool = False
+    """Debugging / audit aid: every rank writes the sample keys of each of its batches, per step, to keys/attempt-<start step>-<ms>-rank<r>.jsonl in the run folder."""
     log_every: int = 10
     """Report metrics to Ray Train every this many steps."""
+    profile: bool = False
+    """Wait for the GPU at every phase of the step so that the logged phase times are exact (costs speed)."""
     torch_threads: int = 0
     """Intra-op threads per worker; 0 divides the node's CPUs among its workers."""
     seed: int = 0
@@ -104,7 +114,9 @@ class RunConfig:
     storage_path: str = "./runs"
     """Where Ray Train keeps the run: a local path or s3://bucket/prefix."""
     num_workers: int = 2
-    """Training workers (Ray Train workers, one DeepSpeed rank each)."""
+    """Training workers (Ray Train workers, one DeepSpeed rank each); the most workers when min_workers is set."""
+    min_workers: int = 0
+    """Elastic training: run on any number of workers from min_workers to num_workers (Ray Train's (min, max) range); a restart may change the number and the checkpoint is resharded. 0: exactly num_workers."""
     use_gpu: bool = False
     """One GPU per worker, NCCL backend."""
     cpus_per_worker: int = 1
@@ -151,6 +163,11 @@ class Config:
                            ("train.max_steps", self.train.max_steps), ("data.image_size", self.data.image_size)]:
             if value < 1:
                 raise ConfigError(f"{key}={value}: must be at least 1")
+        if self.run.min_workers < 0 or self.run.min_workers > self.run.num_workers:
+            raise ConfigError(f"run.min_workers={self.run.min_workers}: must be 0 (fixed size) or between 1 and "
+                              f"run.num_workers={self.run.num_workers}")
+        if self.train.checkpoint_minutes < 0:
+            raise ConfigError(f"train.checkpoint_minutes={self.train.checkpoint_minutes}: must be 0 (off) or positive")
         if self.data.loader_workers < 0:
             raise ConfigError(f"data.loader_workers={self.data.loader_workers}: must be 0 or more")
         if self.loss.chunk_size < 0:

@@ -13,8 +13,10 @@ import io
 import time
 
 from ssl_dist import storage
+from ssl_dist.timing import PHASES
 
-COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s", "samples_seen", "time"]
+COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s", "samples_seen", "time",
+           *[f"time_{phase}" for phase in PHASES]]
 
 
 class MetricsLog:

@@ -15,6 +15,7 @@ from ssl_dist.gradcache import embedding_grads, surrogate_loss
 from ssl_dist.loss import nt_xent
 from ssl_dist.metrics import MetricsLog
 from ssl_dist.model import build_model
+from ssl_dist.timing import PhaseTimer
 
 
 def say(message: str) -> None:
@@ -68,13 +69,15 @@ def train_loop(loop_config: dict) -> None:
     running_loss = torch.zeros(())
     steps_in_window = 0
 
+    timer = PhaseTimer(sync=cfg.train.profile)
     micro_batches = []  # outside the epoch loop: an accumulation may span two epochs
     while state.step < cfg.train.max_steps:
         for batch in loader:
+            timer.mark("data")  # time spent waiting for the loader
             micro_batches.append(batch)
             if len(micro_batches) < cfg.train.accumulate:
                 continue
-            loss = contrastive_step(engine, micro_batches, cfg)
+            loss = contrastive_step(engine, micro_batches, cfg, timer)
             micro_batches = []
 
             state.step += 1
@@ -91,9 +94,10 @@ def train_loop(loop_config: dict) -> None:
                 steps_in_window = 0
                 if log is not None:
                     row = log.add(step=state.step, epoch=loader.epoch, loss=float(mean_loss),
-                                  lr=engine.get_lr()[0], samples_seen=state.samples_seen)
+                                  lr=engine.get_lr()[0], samples_seen=state.samples_seen, **timer.take())
                     say(log.progress_line(row))
                     log.flush()
+                timer.mark("log")
 
             # ---- checkpoint: all ranks write their part; Ray Train merges and persists them
             every = cfg.train.checkpoint_every
@@ -101,6 +105,7 @@ def train_loop(loop_config: dict) -> None:
                 checkpoint.save_and_report({"step": state.step, "samples_seen": state.samples_seen},
                                            engine=engine, loader=loader, state=state, rank=rank,
                                            world_size=world, config=loop_config["config"])
+                timer.mark("checkpoint")
             if state.step >= cfg.train.max_steps:
                 break
 
@@ -112,32 +117,42 @@ def embed(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return engine(views).chunk(2)
 
 
-def contrastive_step(engine, micro_batches: list[dict], cfg) -> torch.Tensor:
+def contrastive_step(engine, micro_batches: list[dict], cfg, timer: PhaseTimer | None = None) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's loss (detached).
 
     Every rank calls it with the same number of micro-batches (the loss gathers from all).
     With one micro-batch it is the plain step. With k > 1 it is gradient caching: the loss
     sees all k micro-batches of every rank as negatives, while the encoder holds the
-    activations of one micro-batch at a time.
+    activations of one micro-batch at a time. `timer` gets a mark after each phase.
     """
+    timer = timer or PhaseTimer()
     def loss_fn(z1, z2):
         # NT-Xent with negatives from every rank; this rank's mean over its own anchors.
         return nt_xent(z1, z2, cfg.loss.temperature, chunk_size=cfg.loss.chunk_size or None)
 
     if len(micro_batches) == 1:
-        loss = loss_fn(*embed(engine, micro_batches[0]))
+        z1, z2 = embed(engine, micro_batches[0])
+        timer.mark("forward")
+        loss = loss_fn(z1, z2)
+        timer.mark("loss")
         engine.backward(loss)
+        timer.mark("backward")
         engine.step()
+        timer.mark("optimizer")
         return loss.detach()
 
     # ---- 1. embed every micro-batch without a graph
     with torch.no_grad():
         cached = [embed(engine, batch) for batch in micro_batches]
+    timer.mark("forward")
     # ---- 2. loss over the whole accumulated batch, gradient w.r.t. the embeddings only
     loss, grads = embedding_grads(loss_fn, cached)
+    timer.mark("loss")
     # ---- 3. re-run each micro-batch with a graph and push its slice of that gradient in;
     # the loss is already a mean over the accumulated batch, so DeepSpeed must not divide by k
     for batch, grad in zip(micro_batches, grads):
         engine.backward(surrogate_loss(embed(engine, batch), grad), scale_wrt_gas=False)
+        timer.mark("backward")  # the re-run forward is charged here: it exists for the backward
         engine.step()  # DeepSpeed averages over ranks and updates on the k-th micro-batch
+        timer.mark("optimizer")
     return loss
