@@ -1,0 +1,246 @@
+"""CIFAR-10 pretraining: ssl_dist (2 Ray workers, DeepSpeed ZeRO-2, shards from S3) against a
+plain single-process PyTorch SimCLR loop, with the same wall-clock budget each.
+
+    python benchmarks/cifar10.py [--minutes 20] [--eval-train 50000] [--eval-test 10000]
+
+Both runs use the same encoder, two-view augmentation, NT-Xent, optimizer and schedule
+(warm-up then constant: with a time budget neither knows its number of steps) and the same
+global batch. Prints samples/s, kNN top-1 (k = 200, cosine, neighbours from the train set)
+and linear-probe top-1 on the test set for each and for the encoder at random
+initialisation, the ratios ssl_dist / plain, and ssl_dist's per-step time breakdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+CONFIG = ROOT / "jobs" / "configs" / "cifar10.yaml"
+
+
+def start_s3() -> tuple[subprocess.Popen, str]:
+    from conftest import start_moto
+
+    proc, endpoint = start_moto()
+    os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1", "RAY_AUTH_MODE": "disabled"})
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+    return proc, endpoint
+
+
+def make_shards() -> dict:
+    from ssl_dist.shards import make_shards
+
+    urls = {}
+    for split in ("train", "test"):
+        started = time.perf_counter()
+        make_shards(str(CIFAR / f"{split}.tar"), f"s3://bench/cifar10/{split}", samples_per_shard=5000, workers=4)
+        print(f"shards {split}: {time.perf_counter() - started:.1f} s", flush=True)
+        urls[split] = f"s3://bench/cifar10/{split}"
+    return urls
+
+
+# ---- run 1: ssl_dist ------------------------------------------------------------------------
+
+
+def run_ssl_dist(urls: dict, minutes: float, overrides: list[str]) -> dict:
+    from ssl_dist import config, metrics
+
+    cfg = config.load(CONFIG, [f"data.train_url={urls['train']}", "run.storage_path=s3://bench/runs",
+                               "run.name=cifar10-bench", f"train.max_minutes={minutes}", "train.max_steps=1000000",
+                               "optim.schedule=constant", "train.checkpoint_every=0", *overrides])
+    args = [f"{k}={v}" for k, v in flatten(config.to_dict(cfg)).items()]
+    cpu_before, started = psutil.cpu_times(), time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "ssl_dist.cli", "pretrain", *args], capture_output=True, text=True)
+    wall = time.monotonic() - started
+    cpu_busy = busy_share(cpu_before, psutil.cpu_times())
+    if done.returncode != 0:
+        raise SystemExit(f"ssl_dist run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    rows = metrics.read_history("s3://bench/runs/cifar10-bench")[-1]
+    checkpoint = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("newest checkpoint")][-1]
+    steady = rows[len(rows) // 5:] or rows  # skip the first fifth: start-up and warm-up
+    phases = {k: sum(float(r[k]) for r in steady) for k in rows[0] if k.startswith("time_")}
+    return {"samples_per_s": statistics.median(float(r["samples_per_s"]) for r in steady),
+            "steps": int(rows[-1]["step"]), "wall_s": wall, "cpu_busy": cpu_busy, "phases": phases,
+            "checkpoint": "s3://" + checkpoint.removeprefix("s3://"), "config": cfg}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def busy_share(before, after) -> float:
+    idle = (after.idle + getattr(after, "iowait", 0)) - (before.idle + getattr(before, "iowait", 0))
+    total = sum(after) - sum(before)
+    return 1 - idle / total if total else float("nan")
+
+
+# ---- run 2: the plain loop ---------------------------------------------------------------------
+
+
+class FolderTwoViews(torch.utils.data.Dataset):
+    """Extracted JPEGs -> two augmented views (the same augmentation as ssl_dist's)."""
+
+    def __init__(self, root: Path, image_size: int):
+        from ssl_dist.augment import TwoViews
+
+        self.files = sorted(root.glob("*/*.jpg"))
+        self.views = TwoViews(image_size)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        out = self.views({"__key__": str(i), "image": Image.open(self.files[i]).convert("RGB")})
+        return out["view1"], out["view2"]
+
+
+def run_plain(cfg, minutes: float, workdir: Path) -> tuple[dict, torch.nn.Module]:
+    from ssl_dist.engine import build_optimizer, lr_factor
+    from ssl_dist.loss import nt_xent
+    from ssl_dist.model import build_model
+
+    with tarfile.open(CIFAR / "train.tar") as tar:
+        tar.extractall(workdir, filter="data")
+    torch.manual_seed(cfg.train.seed)
+    torch.set_num_threads(2)
+    model = build_model(cfg.model)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    global_batch = cfg.data.batch_size * cfg.run.num_workers
+    data = torch.utils.data.DataLoader(FolderTwoViews(workdir / "train", cfg.data.image_size), batch_size=global_batch,
+                                       shuffle=True, drop_last=True, num_workers=2, persistent_workers=True)
+    stamps, step = [], 0
+    cpu_before, deadline = psutil.cpu_times(), time.monotonic() + 60 * minutes
+    while time.monotonic() < deadline:
+        for v1, v2 in data:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * lr_factor(step, warmup_steps=cfg.optim.warmup_steps,
+                                                       max_steps=cfg.train.max_steps, schedule=cfg.optim.schedule)
+            z1, z2 = model(torch.cat([v1, v2])).chunk(2)
+            loss = nt_xent(z1, z2, cfg.loss.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            stamps.append(time.monotonic())
+            if time.monotonic() >= deadline:
+                break
+    cpu_busy = busy_share(cpu_before, psutil.cpu_times())
+    first = len(stamps) // 5  # skip the first fifth: start-up and warm-up
+    # Wall-clock rate over the steady part, data waits included (as ssl_dist's is measured).
+    rate = (len(stamps) - 1 - first) * global_batch / max(stamps[-1] - stamps[first], 1e-9)
+    return {"samples_per_s": rate, "steps": step, "cpu_busy": cpu_busy}, model
+
+
+# ---- evaluation ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def features(model, url: str, limit: int, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from ssl_dist.evaluate import iter_labeled
+
+    model.eval()
+    feats, labels, n = [], [], 0
+    for images, y in iter_labeled(url, image_size=image_size, batch_size=500):
+        feats.append(torch.nn.functional.normalize(model.features(images), dim=1))
+        labels.append(y)
+        n += len(y)
+        if n >= limit:
+            break
+    return torch.cat(feats)[:limit], torch.cat(labels)[:limit]
+
+
+def scores(model, urls: dict, args, image_size: int) -> dict:
+    from ssl_dist.evaluate import knn_top1
+
+    torch.set_num_threads(2)
+    train_f, train_y = features(model, urls["train"], args.eval_train, image_size)
+    test_f, test_y = features(model, urls["test"], args.eval_test, image_size)
+    out = {"knn": knn_top1(train_f, train_y, test_f, test_y, k=200)}
+    try:
+        from sklearn.linear_model import LogisticRegression
+
+        half = len(test_f) // 2  # the probe is fit on one half of the test set, scored on the other
+        probe = LogisticRegression(max_iter=1000).fit(test_f[:half].numpy(), test_y[:half].numpy())
+        out["probe"] = float(probe.score(test_f[half:].numpy(), test_y[half:].numpy()))
+    except ImportError:
+        out["probe"] = float("nan")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget of each run")
+    parser.add_argument("--eval-train", type=int, default=50000, help="train images for the kNN neighbours")
+    parser.add_argument("--eval-test", type=int, default=10000, help="test images for kNN queries and the probe")
+    parser.add_argument("overrides", nargs="*", help="config overrides for both runs (e.g. data.batch_size=64)")
+    args = parser.parse_args()
+
+    from ssl_dist.evaluate import load_checkpoint_model
+    from ssl_dist.model import build_model
+
+    proc, _ = start_s3()
+    try:
+        urls = make_shards()
+        print(f"ssl_dist: {args.minutes} min ...", flush=True)
+        ours = run_ssl_dist(urls, args.minutes, args.overrides)
+        cfg = ours["config"]
+        print(f"plain loop: {args.minutes} min ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="cifar-plain-") as tmp:
+            plain, plain_model = run_plain(cfg, args.minutes, Path(tmp))
+        print("evaluating ...", flush=True)
+        ours_model, _ = load_checkpoint_model(ours["checkpoint"])
+        torch.manual_seed(cfg.train.seed)
+        results = {"ssl_dist": scores(ours_model, urls, args, cfg.data.image_size),
+                   "plain": scores(plain_model, urls, args, cfg.data.image_size),
+                   "random init": scores(build_model(cfg.model), urls, args, cfg.data.image_size)}
+    finally:
+        proc.terminate()
+    report(args, ours, plain, results)
+
+
+def report(args, ours: dict, plain: dict, results: dict) -> None:
+    print(f"\nCIFAR-10, {args.minutes:g} min each, kNN over {args.eval_train} train / {args.eval_test} test images\n")
+    print(f"| run | steps | samples/s | CPU busy | kNN top-1 | linear probe |")
+    print(f"|---|---|---|---|---|---|")
+    for name, run in (("ssl_dist", ours), ("plain", plain), ("random init", None)):
+        r = results[name]
+        head = f"| {name} | {run['steps']} | {run['samples_per_s']:.1f} | {100 * run['cpu_busy']:.0f}% |" if run \
+            else f"| {name} | - | - | - |"
+        print(f"{head} {r['knn']:.3f} | {r['probe']:.3f} |")
+    print(f"\nratio ssl_dist / plain: throughput {ours['samples_per_s'] / plain['samples_per_s']:.2f}, "
+          f"kNN {results['ssl_dist']['knn'] / results['plain']['knn']:.2f}; "
+          f"kNN gain over random init: {100 * (results['ssl_dist']['knn'] - results['random init']['knn']):+.1f} points")
+    total = sum(ours["phases"].values())
+    print("\nssl_dist step time (rank 0, steady state):")
+    print("| phase | share |")
+    print("|---|---|")
+    for phase, seconds in ours["phases"].items():
+        print(f"| {phase.removeprefix('time_')} | {100 * seconds / total:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
