@@ -1,0 +1,100 @@
+"""A short slice of `jobs/configs/cifar10_gpu.yaml` on one GPU: samples/s per GPU of the
+training step (DeepSpeed engine, bf16, NT-Xent) fed by the shard stream, for both
+augmentation placements (per sample in the loader workers, per batch on the GPU).
+
+    python benchmarks/gpu_slice.py SHARDS_URL [--steps 60] [--loader-workers 8]
+
+Runs one process (world size 1); Ray is not needed for this measurement and the lent GPU
+machine has none. Prints a table with median step times and samples/s, and the ratio of
+the two placements, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_placement(cfg, url: str, steps: int) -> dict:
+    from ssl_dist import data
+    from ssl_dist.augment import BatchTwoViews, Decode, TwoViews
+    from ssl_dist.engine import build_engine
+    from ssl_dist.loss import nt_xent
+    from ssl_dist.model import build_model
+
+    torch.manual_seed(0)
+    engine = build_engine(build_model(cfg.model), cfg, 1)
+    per_batch = cfg.data.augment == "per_batch"
+    loader = data.make_loader(url, rank=0, world_size=1, batch_size=cfg.data.batch_size,
+                              num_workers=cfg.data.loader_workers,
+                              transform=Decode(cfg.data.image_size) if per_batch else TwoViews(cfg.data.image_size))
+    views = BatchTwoViews(cfg.data.image_size).to(engine.device) if per_batch else None
+    times, waits, step = [], [], 0
+    tick = time.perf_counter()
+    while step < steps:
+        for batch in loader:
+            got = time.perf_counter()
+            if views is not None:
+                v1, v2 = views(batch["image"].to(engine.device, non_blocking=True))
+            else:
+                v1, v2 = batch["view1"].to(engine.device), batch["view2"].to(engine.device)
+            z1, z2 = engine(torch.cat([v1, v2]).to(next(engine.module.parameters()).dtype)).chunk(2)
+            loss = nt_xent(z1, z2, cfg.loss.temperature)
+            engine.backward(loss)
+            engine.step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            times.append(now - tick)
+            waits.append(got - tick)
+            tick = now
+            step += 1
+            if step >= steps:
+                break
+    steady = times[steps // 3:]
+    wait = waits[steps // 3:]
+    median = statistics.median(steady)
+    return {"step_s": median, "samples_per_s": cfg.data.batch_size / median,
+            "data_wait": sum(wait) / sum(steady), "loss": float(loss)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("url")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--loader-workers", type=int, default=8)
+    parser.add_argument("overrides", nargs="*", help="config overrides (a CPU smoke run: train.precision=fp32 ...)")
+    args = parser.parse_intermixed_args()
+
+    from ssl_dist import config
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511", "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0"})
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rows = {}
+    for placement in ("per_sample", "per_batch"):
+        cfg = config.load(ROOT / "jobs" / "configs" / "cifar10_gpu.yaml",
+                          [f"data.train_url={args.url}", f"data.augment={placement}",
+                           f"data.loader_workers={args.loader_workers}", *args.overrides])
+        rows[placement] = one_placement(cfg, args.url, args.steps)
+        print(placement, rows[placement], flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{device}, batch {cfg.data.batch_size}, {cfg.train.precision}, ZeRO-{cfg.train.zero_stage}, "
+          f"{args.loader_workers} loader workers, median of steps {args.steps // 3}..{args.steps}\n")
+    print("| augmentation | step (ms) | samples/s per GPU | waiting for data |")
+    print("|---|---|---|---|")
+    for placement, r in rows.items():
+        print(f"| {placement} | {1000 * r['step_s']:.1f} | {r['samples_per_s']:.0f} | {100 * r['data_wait']:.1f}% |")
+    print(f"\nratio per_batch / per_sample: {rows['per_batch']['samples_per_s'] / rows['per_sample']['samples_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
