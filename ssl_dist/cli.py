@@ -33,11 +33,14 @@ def user_error_message(err: BaseException) -> str | None:
     from ssl_dist.config import ConfigError
     from ssl_dist.data import DataError
     from ssl_dist.evaluate import EvaluationError
+    from ssl_dist.export import ExportError
     from ssl_dist.launch import LaunchError
     from ssl_dist.shards import ShardError
     from ssl_dist.storage import StorageError, explain
+    from ssl_dist.submit import SubmitError
 
-    known = (ConfigError, StorageError, ShardError, DataError, LaunchError, EvaluationError, CheckpointError)
+    known = (ConfigError, StorageError, ShardError, DataError, LaunchError, EvaluationError, CheckpointError,
+             ExportError, SubmitError)
     seen = set()
     stack = [err]
     while stack:  # Ray wraps worker exceptions (TrainingFailedError -> WorkerGroupError -> cause)
@@ -88,22 +91,102 @@ def cmd_shards_check(args) -> int:
 
 
 def cmd_pretrain(args) -> None:
-    from ssl_dist import config, launch
+    from ssl_dist import config, evaluate, launch, metrics, plots, storage
 
     cfg = config.load(args.config, args.overrides)
-    result = launch.pretrain(cfg, address=args.address)
+    evaluate.check_eval_sets(cfg)
+    # Watching: a bar from the metrics CSV rank 0 rewrites (on a terminal), the curves' PNG at the end
+    run_url, options = launch.run_url(cfg), storage.options_from_config(cfg.run.storage_path, cfg.storage)
+    try:
+        with metrics.watch_run(run_url, options, max_steps=cfg.train.max_steps):
+            result = launch.pretrain(cfg, address=args.address, resume=args.resume)
+    except BaseException:
+        _write_curves(run_url, options, plots, failed=True)  # a failed run's curves, if it got that far
+        raise
+    _write_curves(run_url, options, plots)
     print(f"run folder: {result.run_url}")
     print(f"newest checkpoint: {result.checkpoint_url}")
+
+
+def _write_curves(run_url: str, options: dict, plots, *, failed: bool = False) -> None:
+    """The run's curves.png; drawing never hides the run's own outcome (after a failure, it is
+    silent unless it drew something)."""
+    try:
+        url = plots.write_curves(run_url, options)
+    except Exception as err:  # noqa: BLE001
+        if not failed:
+            print(f"ssl-dist: could not draw the curves of {run_url}: {type(err).__name__}: {err}", file=sys.stderr)
+        return
+    if url:
+        print(f"curves: {url}", file=sys.stderr if failed else sys.stdout)
+
+
+def cmd_export(args) -> None:
+    from ssl_dist import export
+
+    spec = export.export_encoder(args.checkpoint, args.out)
+    print(f"wrote the encoder of {spec['checkpoint']} (step {spec['step']}, {spec['arch']}, "
+          f"{spec['feature_dim']}-d features) to {args.out}: {export.WEIGHTS} + {export.SPEC}")
 
 
 def cmd_evaluate(args) -> None:
     from ssl_dist import evaluate
 
-    scores = evaluate.evaluate_checkpoint(args.checkpoint, args.train, args.test, k=args.k)
+    scores = evaluate.evaluate_checkpoint(args.checkpoint, args.train, args.test, k=args.k,
+                                          linear_probe=args.linear_probe, probe_c=args.probe_c,
+                                          probe_max_iter=args.probe_max_iter)
     print(f"kNN top-1 (k={args.k}): {scores['knn_top1']:.4f}  "
           f"(same encoder at random initialisation: {scores['knn_top1_random_init']:.4f})")
+    if args.linear_probe:
+        print(f"linear-probe top-1: {scores['linear_top1']:.4f}  "
+              f"(same encoder at random initialisation: {scores['linear_top1_random_init']:.4f})")
     if args.json:
         print(json.dumps(scores))
+
+
+def cmd_submit(args) -> int:
+    from ssl_dist import config, submit
+
+    cfg = config.load(args.config, args.overrides)  # a bad key fails here, before the cluster sees it
+    env = submit.parse_env(args.env)
+    jobs, sent = submit.submit(cfg, address=args.address, installed=args.installed, env=env,
+                               entrypoint_num_cpus=args.entrypoint_num_cpus)
+    print(f"submitted job {sent.job_id}: {sent.entrypoint}", flush=True)
+    if args.no_wait:
+        print(f"watch it with `ssl-dist logs {sent.job_id} --follow --address {submit.resolve_address(args.address)}`")
+        return 0
+    try:
+        return submit.follow(jobs, sent.job_id)
+    except KeyboardInterrupt:
+        print(f"\nssl-dist: stopped watching; job {sent.job_id} goes on (`ssl-dist stop {sent.job_id}` stops it)",
+              file=sys.stderr)
+        return 130
+
+
+def cmd_status(args) -> int:
+    from ssl_dist import submit
+
+    rows = submit.status(args.address, args.job_id)
+    if args.json:
+        print(json.dumps(rows))
+    for row in rows:
+        print(f"{row['job_id']}  {row['status']}  {row['entrypoint']}" +
+              (f"\n    {row['message']}" if args.job_id and row["message"] else ""))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    from ssl_dist import submit
+
+    return submit.logs(args.address, args.job_id, follow_logs=args.follow)
+
+
+def cmd_stop(args) -> int:
+    from ssl_dist import submit
+
+    was_running = submit.stop(args.address, args.job_id)
+    print(f"job {args.job_id}: " + ("stop requested" if was_running else "was not running"))
+    return 0
 
 
 def cmd_quickstart(args) -> None:
@@ -131,8 +214,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="run a pretraining job on Ray (local, or RAY_ADDRESS / --address)")
     p.add_argument("--config", help="YAML file overriding the defaults (see `ssl-dist config --describe`)")
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="--resume: continue from the run folder's newest complete checkpoint, an error if there is "
+                        "none; --no-resume: start over, deleting the previous run's checkpoints and metrics in the "
+                        "run folder; neither: resume if there is a checkpoint, else start")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after --config")
     p.set_defaults(handler=cmd_pretrain)
+
+    p = sub.add_parser("export", help="write a checkpoint's encoder as fp32 safetensors + JSON (no DeepSpeed, no Ray "
+                                      "needed to load it)")
+    p.add_argument("checkpoint", help="checkpoint folder URL (…/checkpoint-NNNNNNNN), or a run folder (its newest "
+                                      "complete checkpoint)")
+    p.add_argument("out", help="output folder (local or s3://…)")
+    p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("evaluate", help="kNN top-1 of a checkpoint's encoder on labeled shards")
     p.add_argument("checkpoint", help="checkpoint folder URL (…/checkpoint-NNNNNNNN)")
@@ -140,7 +234,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", required=True, help="labeled shards for the queries")
     p.add_argument("--k", type=int, default=200, help="neighbours (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the scores as JSON")
+    p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit a logistic regression (scikit-learn) on the frozen features (default: on)")
+    p.add_argument("--probe-c", type=float, default=1.0, help="inverse L2 strength of the probe (default: %(default)s)")
+    p.add_argument("--probe-max-iter", type=int, default=1000, help="solver iterations of the probe (default: %(default)s)")
     p.set_defaults(handler=cmd_evaluate)
+
+    address_help = "Ray Jobs API of the cluster, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)"
+    p = sub.add_parser("submit", help="submit a pretraining run to a Ray cluster (Jobs API), stream its logs, "
+                                      "exit with its status")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--config", help="YAML file overriding the defaults; resolved here and sent as key=value arguments")
+    p.add_argument("--installed", action="store_true",
+                   help="the cluster's Python already has the project's dependencies (an image built from "
+                        "cluster/Dockerfile, a test cluster): send the code only, no pip requirements")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="environment variable for the job (never a secret: names like *KEY*, *TOKEN*, *SECRET* "
+                        "are refused)")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the job's driver")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return instead of following it")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after --config")
+    p.set_defaults(handler=cmd_submit)
+
+    p = sub.add_parser("status", help="status of a submitted job (or of every job on the cluster)")
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_status)
+
+    p = sub.add_parser("logs", help="logs of a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", "-f", action="store_true", help="stream until the job ends; exit with its status")
+    p.set_defaults(handler=cmd_logs)
+
+    p = sub.add_parser("stop", help="stop a submitted job")
+    p.add_argument("job_id")
+    p.add_argument("--address", help=address_help)
+    p.set_defaults(handler=cmd_stop)
 
     p = sub.add_parser("config", help="print the resolved config (or every key with its documentation)")
     p.add_argument("--config", help="YAML file overriding the defaults")

@@ -35,6 +35,8 @@ class DataConfig:
     """DataLoader worker processes per training worker (0 decodes in the training process)."""
     image_size: int = 32
     """Side of the square crops fed to the encoder."""
+    augment: Literal["per_sample", "per_batch"] = "per_sample"
+    """Where the two views are made: per_sample in the loader workers (torchvision, PIL), or per_batch on the training device (kornia, one draw per image; loader workers only decode)."""
     seed: int = 0
     """Seed of the data order (shard and sample shuffle); the order is a function of (seed, epoch, manifest)."""
     shuffle_window: int = 4096
@@ -74,13 +76,17 @@ class OptimConfig:
     momentum: float = 0.9
     """Momentum (SGD only)."""
     warmup_steps: int = 10
-    """Linear warm-up steps, then cosine decay to zero at train.max_steps."""
+    """Linear warm-up steps, then the schedule."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """After warm-up: cosine decay to zero at train.max_steps, or constant (for runs bounded by train.max_minutes)."""
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 100
     """Optimizer steps of the whole run."""
+    max_minutes: float = 0.0
+    """Also stop (with a final checkpoint) once this many minutes of training have passed in this attempt; 0: no time limit."""
     zero_stage: int = 2
     """DeepSpeed ZeRO stage, 0 to 3."""
     accumulate: int = 1
@@ -138,6 +144,20 @@ class StorageConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0
+    """kNN evaluation of the live encoder every this many steps during training (and at the last step); 0: off."""
+    train_url: str = ""
+    """Labeled shards (KEY.cls) whose features are the kNN neighbours; keep it small, it is embedded at every evaluation."""
+    test_url: str = ""
+    """Labeled shards whose samples are the kNN queries."""
+    k: int = 200
+    """Neighbours per query (cosine similarity, votes weighted by exp(similarity / 0.1))."""
+    max_samples: int = 2000
+    """At most this many samples (the first, in manifest order) of each set are embedded; 0: all."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Where the shards are and how they are streamed."""
@@ -153,9 +173,17 @@ class Config:
     """Ray Train run: name, storage, workers, failures."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Object-store access (credentials always come from the environment, never from here)."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Periodic kNN evaluation during training (`ssl-dist evaluate` scores a checkpoint afterwards)."""
 
     def validate(self) -> None:
         """Cross-field checks that a single field's type cannot express."""
+        if self.eval.every < 0 or self.eval.k < 1 or self.eval.max_samples < 0:
+            raise ConfigError(f"eval.every={self.eval.every}, eval.k={self.eval.k}, eval.max_samples="
+                              f"{self.eval.max_samples}: every and max_samples must be 0 or more, k at least 1")
+        if self.eval.every and not (self.eval.train_url and self.eval.test_url):
+            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.train_url and "
+                              f"eval.test_url (e.g. small train/test sets made with `ssl-dist shards make`)")
         if not 0 <= self.train.zero_stage <= 3:
             raise ConfigError(f"train.zero_stage={self.train.zero_stage}: allowed values are 0, 1, 2, 3")
         for key, value in [("data.batch_size", self.data.batch_size), ("run.num_workers", self.run.num_workers),
@@ -166,6 +194,8 @@ class Config:
         if self.run.min_workers < 0 or self.run.min_workers > self.run.num_workers:
             raise ConfigError(f"run.min_workers={self.run.min_workers}: must be 0 (fixed size) or between 1 and "
                               f"run.num_workers={self.run.num_workers}")
+        if self.train.max_minutes < 0:
+            raise ConfigError(f"train.max_minutes={self.train.max_minutes}: must be 0 (no limit) or positive")
         if self.train.checkpoint_minutes < 0:
             raise ConfigError(f"train.checkpoint_minutes={self.train.checkpoint_minutes}: must be 0 (off) or positive")
         if self.data.loader_workers < 0:

@@ -35,10 +35,12 @@ def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
 
 
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int) -> float:
-    """Linear warm-up to 1 over `warmup_steps`, then cosine decay to 0 at `max_steps`."""
+def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str = "cosine") -> float:
+    """Linear warm-up to 1 over `warmup_steps`, then cosine decay to 0 at `max_steps` (or constant)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -55,7 +57,8 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
     deepspeed.init_distributed(dist_backend="nccl" if cfg.run.use_gpu else "gloo")
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 (DeepSpeed calls it with its optimizer)
-        opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps))
+        opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
+                                    schedule=cfg.optim.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, world_size))
     return engine

@@ -1,12 +1,15 @@
-"""Evaluation of an encoder: features of labeled shards, then kNN top-1.
+"""Evaluation of an encoder: features of labeled shards, then kNN top-1 and linear-probe top-1.
 
 Reads checkpoints without Ray or a DeepSpeed engine: the fp32 weights are consolidated from
-the ZeRO shards with DeepSpeed's own `zero_to_fp32`.
+the ZeRO shards with DeepSpeed's own `zero_to_fp32`. During training, `knn_during_training`
+scores the live model on small labeled sets, every rank embedding its share.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -24,14 +27,24 @@ class EvaluationError(RuntimeError):
     """A user-facing evaluation problem (no checkpoint there, unlabeled shards...)."""
 
 
-def iter_labeled(url: str, *, image_size: int, batch_size: int = 256,
-                 storage_options: dict | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Every sample of the shards at `url` once, in manifest order: (images (B, 3, S, S), labels (B,))."""
+def iter_labeled(url: str, *, image_size: int, batch_size: int = 256, storage_options: dict | None = None,
+                 limit: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Every sample of the shards at `url` once, in manifest order: (images (B, 3, S, S), labels (B,)).
+
+    `limit`: only the first `limit` samples (0: all). `rank`/`world`: only samples number
+    rank, rank + world, ... of those (the others are read, not decoded).
+    """
     shards = data.ShardSet(url, storage_options if storage_options is not None else storage.storage_options(url))
     view = EvalView(image_size)
     images, labels = [], []
+    position = 0
     for shard, count in enumerate(shards.counts.tolist()):
-        for (_, _), (key, fields) in sorted(shards.read_runs([(shard, 0, count)]).items()):
+        if limit and position >= limit:
+            break
+        stop = min(count, limit - position) if limit else count
+        for (_, index), (key, fields) in sorted(shards.read_runs([(shard, 0, stop)]).items()):
+            if (position + index) % world != rank:
+                continue
             sample = view(data.decode_sample(key, fields))
             if sample["cls"] < 0:
                 raise EvaluationError(f"sample {key!r} of {url} has no label (.cls): kNN needs labeled shards")
@@ -40,6 +53,7 @@ def iter_labeled(url: str, *, image_size: int, batch_size: int = 256,
             if len(images) == batch_size:
                 yield torch.stack(images), torch.tensor(labels)
                 images, labels = [], []
+        position += stop
     if images:
         yield torch.stack(images), torch.tensor(labels)
 
@@ -74,6 +88,23 @@ def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: 
     return correct / len(test_feats)
 
 
+def linear_probe_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                      test_labels: torch.Tensor, *, C: float = 1.0, max_iter: int = 1000) -> float:
+    """Top-1 of a multinomial logistic regression (scikit-learn) on frozen features.
+
+    Features are standardised on the training set first; `C` is the inverse L2 strength.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    if len(torch.unique(train_labels)) < 2:
+        raise EvaluationError("a linear probe needs labeled samples of at least 2 classes in the training set")
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
+    probe.fit(train_feats.float().numpy(), train_labels.numpy())
+    return float((probe.predict(test_feats.float().numpy()) == test_labels.numpy()).mean())
+
+
 def knn_accuracy(model: ContrastiveModel, train_url: str, test_url: str, *, image_size: int, k: int = 200,
                  storage_options: dict | None = None) -> float:
     """kNN top-1 of `model`'s encoder features: neighbours from `train_url`, queries from `test_url`."""
@@ -101,20 +132,119 @@ def load_checkpoint_model(checkpoint_url: str, storage_options: dict | None = No
             fs.get(f"{path}/", tmp + "/", recursive=True)
             meta = json.loads((Path(tmp) / META).read_text())
             cfg = config_lib.from_dict(meta["config"])
-            if cfg.train.zero_stage == 0:  # no ZeRO shards: the module's state is whole in rank 0's file
-                state = torch.load(Path(tmp) / TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+            if cfg.train.zero_stage == 0 or (cfg.train.zero_stage < 3 and cfg.train.precision == "fp32"):
+                # The module's weights are whole (and, but for stage 0 in bf16, the fp32 masters
+                # themselves) in rank 0's model file: tensors only, so loaded without unpickling objects.
+                try:
+                    state = torch.load(Path(tmp) / TAG / "mp_rank_00_model_states.pt", map_location="cpu",
+                                       weights_only=True)["module"]
+                except pickle.UnpicklingError as err:
+                    raise EvaluationError(f"{checkpoint_url}: its model file holds objects other than tensors "
+                                          f"({str(err).splitlines()[-1][:200]}); refusing to unpickle it") from None
             else:
+                # ZeRO-3 partitions, or bf16 runs whose fp32 masters are in the optimizer shards:
+                # DeepSpeed's own consolidation, which must unpickle its optimizer files (they hold
+                # DeepSpeed objects, e.g. its LossScaler); only load checkpoints you wrote.
                 state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=TAG)
     model = build_model(cfg.model)
     model.load_state_dict(state)
     return model, cfg
 
 
-def evaluate_checkpoint(checkpoint_url: str, train_url: str, test_url: str, *, k: int = 200) -> dict:
-    """kNN top-1 of a checkpoint's encoder and of the same encoder at random initialisation."""
+def evaluate_checkpoint(checkpoint_url: str, train_url: str, test_url: str, *, k: int = 200,
+                        linear_probe: bool = True, probe_c: float = 1.0, probe_max_iter: int = 1000) -> dict:
+    """kNN top-1 (and linear-probe top-1) of a checkpoint's encoder and of the same encoder at
+    random initialisation: {"knn_top1", "knn_top1_random_init"[, "linear_top1", "linear_top1_random_init"]}."""
     model, cfg = load_checkpoint_model(checkpoint_url)
-    trained = knn_accuracy(model, train_url, test_url, image_size=cfg.data.image_size, k=k)
     torch.manual_seed(cfg.train.seed)
-    random_init = knn_accuracy(build_model(cfg.model), train_url, test_url, image_size=cfg.data.image_size, k=k)
-    return {"knn_top1": trained, "knn_top1_random_init": random_init}
+    scores = {}
+    for suffix, encoder in (("", model), ("_random_init", build_model(cfg.model))):
+        train_f, train_y = embed(encoder, train_url, image_size=cfg.data.image_size)
+        test_f, test_y = embed(encoder, test_url, image_size=cfg.data.image_size)
+        scores[f"knn_top1{suffix}"] = knn_top1(train_f, train_y, test_f, test_y, k=k)
+        if linear_probe:
+            scores[f"linear_top1{suffix}"] = linear_probe_top1(train_f, train_y, test_f, test_y, C=probe_c,
+                                                               max_iter=probe_max_iter)
+    return scores
 
+
+# ---- during training ------------------------------------------------------------------------
+
+
+def eval_storage_options(cfg, loop_config: dict) -> dict:
+    """fsspec options for the eval sets on a worker: the driver's data options when they live
+    in the same kind of store as the training data, else made here from `cfg.storage`."""
+    url = cfg.eval.train_url
+    if url.split("://")[0] == cfg.data.train_url.split("://")[0] and "://" in url:
+        return loop_config["data_options"]
+    return storage.options_from_config(url, cfg.storage)
+
+
+def check_eval_sets(cfg) -> None:
+    """Driver-side check, before a run starts, that the eval sets of `eval.every` are readable."""
+    from ssl_dist import shards
+
+    if not cfg.eval.every:
+        return
+    for url in (cfg.eval.train_url, cfg.eval.test_url):
+        options = storage.options_from_config(url, cfg.storage)
+        storage.check_bucket(url, options)
+        try:
+            shards.read_manifest(url, options)
+        except shards.ShardError as err:
+            raise EvaluationError(f"eval set {url}: {err}") from None
+
+
+@torch.no_grad()
+def _embed_share(module: ContrastiveModel, url: str, *, image_size: int, limit: int, rank: int, world: int,
+                 batch_size: int, storage_options: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the features of the first `limit` samples at `url`.
+
+    Every rank runs the same number of forward passes (padding with a blank batch): under
+    ZeRO-3 a forward pass gathers parameters from every rank, so a rank that stopped early
+    would leave the others waiting.
+    """
+    param = next(module.parameters())
+    total = data.ShardSet(url, storage_options).total
+    count = min(total, limit) if limit else total
+    passes = math.ceil(math.ceil(count / world) / batch_size)
+    feats, labels = [], []
+    for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options,
+                                  limit=count, rank=rank, world=world):
+        feats.append(F.normalize(module.features(images.to(param.device, param.dtype)).float(), dim=1).cpu())
+        labels.append(y)
+    for _ in range(passes - len(feats)):
+        module.features(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
+    width = feats[0].shape[1] if feats else 0
+    return (torch.cat(feats) if feats else torch.zeros(0, width)), (torch.cat(labels) if labels else
+                                                                      torch.zeros(0, dtype=torch.long))
+
+
+def knn_during_training(module: ContrastiveModel, eval_cfg, *, image_size: int, rank: int, world: int,
+                        storage_options: dict | None = None, batch_size: int = 256) -> float | None:
+    """kNN top-1 of the live model's encoder on `eval_cfg`'s small labeled sets; every rank calls it.
+
+    Each rank embeds every world-th sample of the first `eval_cfg.max_samples`; rank 0
+    gathers the features and scores them. Returns the score on rank 0, None on the others.
+    The module is put back in training mode.
+    """
+    import torch.distributed as dist
+
+    module.eval()
+    try:
+        shares = {}
+        for name, url in (("train", eval_cfg.train_url), ("test", eval_cfg.test_url)):
+            shares[name] = _embed_share(module, url, image_size=image_size, limit=eval_cfg.max_samples, rank=rank,
+                                        world=world, batch_size=batch_size, storage_options=storage_options)
+    finally:
+        module.train()
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, shares)
+    else:
+        gathered = [shares]
+    if rank != 0:
+        return None
+    merged = {name: (torch.cat([g[name][0] for g in gathered]), torch.cat([g[name][1] for g in gathered]))
+              for name in ("train", "test")}
+    return knn_top1(*merged["train"], *merged["test"], k=eval_cfg.k)

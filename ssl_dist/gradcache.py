@@ -47,6 +47,7 @@ import torch
 
 __all__ = ["embedding_grads", "surrogate_loss"]
 
+
 def _as_tuple(x) -> tuple[torch.Tensor, ...]:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 

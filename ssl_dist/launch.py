@@ -97,7 +97,7 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict):
         train_loop_config={"config": config_lib.to_dict(cfg), "run_url": run_url(cfg),
                            "data_options": data_options, "storage_options": storage_options},
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.run.num_workers, use_gpu=cfg.run.use_gpu,
+        scaling_config=ray.train.ScalingConfig(num_workers=worker_range(cfg), use_gpu=cfg.run.use_gpu,
                                                resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=filesystem,
@@ -107,9 +107,55 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict):
     )
 
 
-def pretrain(cfg, *, address: str | None = None) -> RunResult:
-    """Run a pretraining job to its end (or its last allowed failure). Driver only."""
+def worker_range(cfg) -> int | tuple[int, int]:
+    """Ray Train's num_workers: a fixed count, or the elastic range (min, max)."""
+    if cfg.run.min_workers and cfg.run.min_workers < cfg.run.num_workers:
+        return (cfg.run.min_workers, cfg.run.num_workers)
+    return cfg.run.num_workers
+
+
+def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print) -> None:
+    """Apply `--resume` / `--no-resume` to the run folder before any worker starts.
+
+    None (the default): a run folder holding checkpoints is resumed (Ray Train restores
+    its snapshot; the workers check and pick the checkpoint). True: there must be a
+    complete checkpoint, else a clear error. False: start over; what the previous run
+    left in the folder (checkpoints, Ray Train's snapshot, metrics) is deleted first.
+    """
+    from ssl_dist import checkpoint
+
+    url = run_url(cfg)
+    if resume is False:
+        deleted = checkpoint.clear_run(url, storage_options)
+        if deleted:
+            say(f"--no-resume: deleted the {deleted} checkpoint(s) of the previous run in {url}; starting at step 0")
+        return
+    newest = checkpoint.newest_complete(url, storage_options)
+    if newest is None and resume:
+        found = checkpoint.list_checkpoints(url, storage_options)
+        detail = (f"its {len(found)} checkpoint folder(s) are all incomplete" if found
+                  else "it holds no checkpoint")
+        raise checkpoint.CheckpointError(f"--resume: nothing to resume in {url}: {detail}; check run.name and "
+                                         f"run.storage_path, or start the run without --resume")
+    if newest is not None:
+        # What the workers would find out after a start-up, found out here in a second: a
+        # checkpoint of another model, or a global batch the policy refuses to split.
+        checkpoint.check_compatible(newest, cfg)
+        if not cfg.run.min_workers:
+            checkpoint.worker_batch(newest.global_batch, cfg.run.num_workers, cfg.data.batch_size,
+                                    cfg.train.indivisible_batch)
+        say(f"{url} holds checkpoints up to step {newest.step}: the run resumes from its newest complete one "
+            f"(--no-resume starts it over)")
+
+
+def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, say=print) -> RunResult:
+    """Run a pretraining job to its end (or its last allowed failure). Driver only.
+
+    `resume`: None resumes from the run folder's checkpoints if there are any, True
+    requires one, False starts over (see `prepare_resume`).
+    """
     data_options, storage_options = preflight(cfg)
+    prepare_resume(cfg, resume, storage_options, say=say)
     write_resolved_config(cfg, storage_options)
     connect_ray(address, num_cpus=None)
     trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options)

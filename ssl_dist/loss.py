@@ -30,6 +30,7 @@ Without an initialised process group, or with a group of one, this is the single
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -104,6 +105,17 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _without_autocast(forward):
+    """Run a Function's forward with autocast off: its products stay in the inputs' fp32/fp64."""
+
+    @functools.wraps(forward)
+    def wrapper(ctx, a, *args):
+        with torch.autocast(a.device.type, enabled=False):
+            return forward(ctx, a, *args)
+
+    return wrapper
+
+
 def _chunks(n: int, chunk_size: int | None):
     step = n if chunk_size is None else max(1, int(chunk_size))
     return [(i, min(i + step, n)) for i in range(0, n, step)]
@@ -114,56 +126,86 @@ def _chunks(n: int, chunk_size: int | None):
 # --------------------------------------------------------------------------------------------
 
 
-class _SumRowLogSumExp(torch.autograd.Function):
-    """sum_i log sum_j exp(scale <a_i, c_j>), j over all columns but the anchor's own.
+def _row_lse_pass(a, cols, scale, self_col, chunk_size, use_max, grad_cols_t):
+    """sum_i log sum_j exp(scale <a_i, cols_j>) over anchor rows in chunks, and its gradients.
 
-    a (m, D) anchors and cols (M, D) columns, both L2-normalised; scale a 0-dim or (1,)
-    tensor; self_col: column of anchor 0 (anchor i's own column is self_col + i), or None.
-    Per chunk of rows: E = exp(logits - shift) (in place), p = E / rowsum, and
-    d/da_i = scale sum_j p_ij c_j, d/dc_j = scale sum_i p_ij a_i, d/dscale = sum_i <d/da_i, a_i> / scale.
+    a (m, D), cols (M, D) (may be a strided view); self_col: column of anchor 0, whose own
+    column (self_col + i for anchor i) is left out; None: no self-exclusion. grad_cols_t:
+    (D, M) buffer that d/dcols (transposed) is added to, or None for no gradients. Returns
+    (total, grad_a (m, D) or None). With p_ij = softmax_j: d/da_i = scale sum_j p_ij c_j,
+    d/dc_j = scale sum_i p_ij a_i.
+    """
+    need_grad = grad_cols_t is not None
+    total = a.new_zeros(())
+    grad_a = torch.empty_like(a) if need_grad else None
+    chunks = _chunks(a.shape[0], chunk_size)
+    # One workspace for every chunk: a fresh large tensor per chunk would be a fresh mmap,
+    # and its page faults cost as much as the exp.
+    work = a.new_empty(chunks[0][1], cols.shape[0])
+    for i0, i1 in chunks:
+        scaled = a[i0:i1] * scale
+        e = torch.mm(scaled, cols.T, out=work[: i1 - i0])  # the chunk's logits (rows x M)
+        if self_col is not None:
+            rows = torch.arange(i1 - i0, device=e.device)
+            e[rows, self_col + i0 + rows] = float("-inf")
+        if use_max:
+            shift = e.amax(dim=1, keepdim=True)
+            e.sub_(shift)
+            total += shift.sum()
+        e.exp_()
+        rowsum = e.sum(dim=1)
+        total += rowsum.log().sum()
+        if need_grad:
+            # p = e / rowsum is never formed: 1/rowsum is folded into the (rows, D) factors
+            inv = rowsum.reciprocal().unsqueeze(1)
+            grad_a[i0:i1] = (e @ cols).mul_(inv * scale)
+            grad_cols_t.addmm_((scaled * inv).T, e)  # (D, rows) @ (rows, M): the faster layout
+    return total, grad_a
+
+
+class _SumRowLogSumExp(torch.autograd.Function):
+    """sum over anchor sets k, rows i of log sum_j exp(scale <anchors_k_i, cols_j[f_k : f_k + D]>).
+
+    All of one loss's log-sum-exp terms in one Function. cols (M, F): the gathered columns, of
+    which anchor set k sees the features [f_k, f_k + D) (CLIP gathers both fields in one
+    (N, 2D) tensor: a-anchors see its b half and b-anchors its a half); self_cols[k]: column
+    of set k's anchor 0 for self-exclusion, or None. Inputs are L2-normalised, so logits lie
+    in [-scale, scale]: below _EXP_SAFE no row max is needed. The gradient is computed here,
+    in the forward pass (the output is a scalar, so it is known up to the incoming factor):
+    no (rows x M) matrix outlives its chunk and nothing is recomputed; the gradient of cols
+    is assembled whole, with no autograd slicing.
     """
 
     @staticmethod
-    def forward(ctx, a, cols, scale, self_col, chunk_size, need_grad):
-        cols = cols.contiguous()
-        # logits lie in [-scale, scale]: exp is safe without a row max when scale is moderate
-        use_max = scale.item() > _EXP_SAFE[a.dtype]
-        total = a.new_zeros(())
-        grad_a = torch.empty_like(a) if need_grad else None
-        grad_cols_t = a.new_zeros(a.shape[1], cols.shape[0]) if need_grad else None  # (D, M)
-        for i0, i1 in _chunks(a.shape[0], chunk_size):
-            scaled = a[i0:i1] * scale
-            e = scaled @ cols.T  # the chunk's logits; the only (rows x M) matrix
-            if self_col is not None:
-                rows = torch.arange(i1 - i0, device=e.device)
-                e[rows, self_col + i0 + rows] = float("-inf")
-            if use_max:
-                shift = e.amax(dim=1, keepdim=True)
-                e.sub_(shift)
-            e.exp_()
-            rowsum = e.sum(dim=1)
-            lse = rowsum.log()
-            total += lse.sum() + (shift.sum() if use_max else 0.0)
+    @_without_autocast
+    def forward(ctx, cols, scale, offsets, self_cols, chunk_size, need_grad, *anchors):
+        use_max = scale.item() > _EXP_SAFE[cols.dtype]
+        total = cols.new_zeros(())
+        grads = []
+        grad_cols_t = cols.new_zeros(cols.shape[1], cols.shape[0]) if need_grad else None  # (F, M)
+        for a, f0, self_col in zip(anchors, offsets, self_cols):
+            d = a.shape[1]
+            part, grad_a = _row_lse_pass(a, cols[:, f0 : f0 + d], scale, self_col, chunk_size, use_max,
+                                         grad_cols_t[f0 : f0 + d] if need_grad else None)
+            total += part
             if need_grad:
-                # p = e / rowsum is never formed: 1/rowsum is folded into the (rows, D) factors
-                inv = rowsum.reciprocal().unsqueeze(1)
-                grad_a[i0:i1] = (e @ cols).mul_(inv * scale)
-                grad_cols_t.addmm_((scaled * inv).T, e)  # (D, rows) @ (rows, M): the faster layout
-            del e
+                grads.append(grad_a)
         if need_grad:
-            grad_scale = ((grad_a * a).sum() / scale).reshape(scale.shape)
-            ctx.save_for_backward(grad_a, grad_cols_t.T, grad_scale)
+            # d/dscale = sum_ij p_ij <a_i, c_j> = sum_i <grad_a_i, a_i> / scale
+            grad_scale = sum((g * a).sum() for g, a in zip(grads, anchors)) / scale
+            ctx.save_for_backward(grad_cols_t.T.contiguous(), grad_scale.reshape(scale.shape), *grads)
         return total
 
     @staticmethod
     def backward(ctx, g):
-        grad_a, grad_cols, grad_scale = ctx.saved_tensors
-        return grad_a * g, grad_cols * g, grad_scale * g, None, None, None
+        grad_cols, grad_scale, *grads = ctx.saved_tensors
+        return (grad_cols * g, grad_scale * g, None, None, None, None, *(x * g for x in grads))
 
 
-def _sum_row_lse(a, cols, scale, *, self_col=None, chunk_size=None):
-    need = _needs_grad(a, cols, scale)
-    return _SumRowLogSumExp.apply(a, cols, scale, self_col, chunk_size, need)
+def _sum_row_lse(cols, scale, anchors, *, offsets, self_cols, chunk_size=None):
+    """Autograd entry to _SumRowLogSumExp (see there); anchors, offsets, self_cols per set."""
+    need = _needs_grad(cols, scale, *anchors)
+    return _SumRowLogSumExp.apply(cols, scale, tuple(offsets), tuple(self_cols), chunk_size, need, *anchors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,7 +236,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, chunk_siz
     cols = gather(anchors, group)  # (2N, D)
     inv_t = _scalar(1.0 / temperature, z1)
     # anchor i's own column is its global row, rank * 2n + i
-    lse = _sum_row_lse(anchors, cols, inv_t, self_col=rank * 2 * n, chunk_size=chunk_size)
+    lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=[rank * 2 * n], chunk_size=chunk_size)
     # the positive pair lives on this rank: its logit needs nothing gathered
     pos = (z1 * z2).sum() * inv_t
     return (lse - 2 * pos) / (2 * n)
@@ -226,8 +268,8 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     b = F.normalize(b.to(dtype), dim=1)
     both = gather(torch.cat([a, b], dim=1), group)  # one collective for both fields: (N, 2D)
     scale = _scalar(logit_scale, a).clamp(max=CLIP_MAX_LOGIT_SCALE).exp()
-    lse = (_sum_row_lse(a, both[:, d:], scale, chunk_size=chunk_size)
-           + _sum_row_lse(b, both[:, :d], scale, chunk_size=chunk_size))
+    # a-rows against the b half of the gathered pairs, b-rows against the a half
+    lse = _sum_row_lse(both, scale, [a, b], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size)
     pos = (a * b).sum() * scale  # local row i's label is global column rank * n + i
     return (lse - 2 * pos) / (2 * n)
 
@@ -263,31 +305,32 @@ def _wait_all(works) -> None:
         w.wait()
 
 
-def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0):
+def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0, work):
     """Loss sum and d loss / d logits for one chunk of rows against one block of columns.
 
     Every logit l = <scaled_i, blk_j> + bias is scored as a negative, softplus(l), whose
     gradient is sigmoid(l); the caller adds the positives' correction. diag0: for the own
     block, the column of the chunk's first row (its positive), else None; the gradient
-    there becomes sigmoid(l) - 1. Returns (loss sum, sigmoid matrix or None).
+    there becomes sigmoid(l) - 1. work: two (>= rows, n) buffers, reused (no page faults).
+    Returns (loss sum, sigmoid matrix -- a view of work[0] -- or None).
     """
-    e = scaled @ blk.T
+    rows = scaled.shape[0]
+    e, tmp = work[0][:rows], work[1][:rows]
+    torch.mm(scaled, blk.T, out=e)
     e.add_(bias)
     excess = 0.0
     if clamp is not None:  # exp would overflow: softplus(l) = l (to 1e-35) above `clamp`
-        excess = (torch.clamp(e, min=clamp) - clamp).sum()
+        excess = torch.clamp(e, min=clamp, out=tmp).sum() - clamp * tmp.numel()
         e.clamp_(max=clamp)
     e.exp_()
-    tmp = torch.log1p(e)  # softplus(l) = log(1 + exp(l))
-    loss = tmp.sum() + excess
+    loss = torch.log1p(e, out=tmp).sum() + excess  # softplus(l) = log(1 + exp(l))
     if not need_grad:
         return loss, None
     torch.add(e, 1.0, out=tmp)
     p = e.div_(tmp)  # sigmoid(l) = exp(l) / (1 + exp(l)), in place
-    del tmp
     if diag0 is not None:
-        rows = torch.arange(p.shape[0], device=p.device)
-        p[rows, diag0 + rows] -= 1.0
+        idx = torch.arange(rows, device=p.device)
+        p[idx, diag0 + idx] -= 1.0
     return loss, p
 
 
@@ -307,6 +350,7 @@ class _SigLipRing(torch.autograd.Function):
     """
 
     @staticmethod
+    @_without_autocast
     def forward(ctx, a, b, scale, bias, group, chunk_size, need_grad):
         _, world = rank_and_world(group)
         n = a.shape[0]
@@ -317,11 +361,13 @@ class _SigLipRing(torch.autograd.Function):
         grad_bias = a.new_zeros(())
         blk = b.contiguous()
         acc_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of blk, transposed
+        chunks = _chunks(n, chunk_size)
+        work = a.new_empty(2, chunks[0][1], n)  # reused by every chunk of every block
         for k in range(world):
             pending = _shift_right(blk, group) if k + 1 < world else None  # overlaps the products
-            for i0, i1 in _chunks(n, chunk_size):
+            for i0, i1 in chunks:
                 scaled = a[i0:i1] * scale
-                loss, p = _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, i0 if k == 0 else None)
+                loss, p = _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, i0 if k == 0 else None, work)
                 total += loss
                 if need_grad:
                     grad_bias += p.sum()
@@ -339,7 +385,7 @@ class _SigLipRing(torch.autograd.Function):
         if need_grad:
             grad_scale = (grad_a * a).sum().reshape(scale.shape)  # sum_ij dl_ij <a_i, b_j>
             grad_a.mul_(scale)
-            ctx.save_for_backward(grad_a, acc_t.T, grad_scale, grad_bias.reshape(bias.shape))
+            ctx.save_for_backward(grad_a, acc_t.T.contiguous(), grad_scale, grad_bias.reshape(bias.shape))
         return total
 
     @staticmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
-PHASES = ("data", "forward", "loss", "backward", "optimizer", "checkpoint", "log")
+PHASES = ("data", "augment", "forward", "loss", "backward", "optimizer", "checkpoint", "log")
 
 
 class PhaseTimer:

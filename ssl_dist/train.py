@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from ssl_dist import checkpoint, config, data
-from ssl_dist.augment import TwoViews
+from ssl_dist.augment import BatchTwoViews, Decode, TwoViews
 from ssl_dist.engine import build_engine
+from ssl_dist.evaluate import eval_storage_options, knn_during_training
 from ssl_dist.gradcache import embedding_grads, surrogate_loss
 from ssl_dist.loss import nt_xent
 from ssl_dist.metrics import MetricsLog
@@ -29,7 +32,7 @@ def say(message: str) -> None:
 
 
 def train_loop(loop_config: dict) -> None:
-    """Pretrain until `train.max_steps`, resuming from Ray Train's newest checkpoint if any.
+    """Pretrain until `train.max_steps`, resuming from the newest complete checkpoint if any.
 
     `loop_config`: {"config": resolved config dict, "run_url": the run folder,
     "data_options" / "storage_options": credential-free fsspec options}. Every worker calls it.
@@ -45,6 +48,27 @@ def train_loop(loop_config: dict) -> None:
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
+    # ---- resume point, decided by rank 0 for all: Ray Train's newest registered checkpoint if
+    # complete, else the newest complete one before it (said out loud); with none registered
+    # (a first start, or Ray Train's snapshot lost) the newest complete one in the run folder
+    started = time.time()
+    run_url, storage_options = loop_config["run_url"], loop_config["storage_options"]
+    control = dist.new_group(backend="gloo")  # CPU collectives for decisions, whatever trains
+    resume = checkpoint.agree_on_resume(run_url, storage_options, ray.train.get_checkpoint(), cfg, rank=rank,
+                                        local_rank=context.get_local_rank(), group=control)
+    decided = time.time()
+    if rank == 0:
+        for note in resume.notes:
+            say(note)
+
+    # ---- global batch: the run's own, kept on any number of workers (resharded restarts)
+    global_batch = resume.info.global_batch if resume.info else cfg.data.batch_size * cfg.run.num_workers
+    batch_size, note = checkpoint.worker_batch(global_batch, world, cfg.data.batch_size,
+                                               cfg.train.indivisible_batch)
+    if note and rank == 0:
+        say(note)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, batch_size=batch_size))
+
     # ---- model and engine: same seed on every rank, so replicas start equal
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(build_model(cfg.model), cfg, world)
@@ -52,16 +76,32 @@ def train_loop(loop_config: dict) -> None:
     # ---- data: this rank's share of every global batch; augmentation runs in loader workers
     loader = data.make_loader(cfg.data.train_url, rank=rank, world_size=world, batch_size=cfg.data.batch_size,
                               num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
-                              transform=TwoViews(cfg.data.image_size),
+                              transform=TwoViews(cfg.data.image_size) if cfg.data.augment == "per_sample"
+                              else Decode(cfg.data.image_size),
                               storage_options=loop_config["data_options"], shuffle_window=cfg.data.shuffle_window)
 
-    # ---- resume: Ray Train hands back the newest checkpoint after a restart
-    state = checkpoint.TrainState()
-    resumed_from = ray.train.get_checkpoint()
-    if resumed_from is not None:
-        state = checkpoint.restore_from_ray(resumed_from, engine=engine, loader=loader, rank=rank, world_size=world)
+    # ---- resume: weights, optimizer, LR schedule, RNG and data position; resharded (universal
+    # checkpoint, stream re-plan) when the checkpoint was written by another number of workers
+    engine_ready = time.time()
+    state, restore_timings = checkpoint.TrainState(), {}
+    if resume.info is not None:
+        state, restore_timings = checkpoint.restore(resume.info, engine=engine, loader=loader, rank=rank,
+                                                    world_size=world, local_rank=context.get_local_rank(),
+                                                    options=storage_options, group=control)
         if rank == 0:
-            say(f"resumed from step {state.step} (epoch {loader.epoch})")
+            resharded = (f", resharded from {resume.info.world_size} to {world} workers"
+                         if resume.info.world_size != world else "")
+            say(f"resumed from step {state.step} (epoch {loader.epoch}) of {resume.info.name}{resharded}")
+    attempt = checkpoint.AttemptLog(run_url, rank=rank, start_step=state.step, attempt_id=resume.attempt_id,
+                                    world_size=world, resumed_from=resume.info.name if resume.info else None,
+                                    notes=resume.notes, storage_options=storage_options,
+                                    timeline={"start": started, "decided": decided, "engine": engine_ready,
+                                              "restored": time.time()},
+                                    restore=restore_timings)
+    keys = checkpoint.KeyLog(run_url, rank=rank, start_step=state.step, attempt_id=resume.attempt_id,
+                             storage_options=storage_options) if cfg.train.log_keys else None
+    taken = set(resume.taken)  # checkpoint folder names in storage: a new one must not reuse them
+    last_save = time.monotonic()
 
     log = MetricsLog(loop_config["run_url"], start_step=state.step, max_steps=cfg.train.max_steps,
                      global_batch=loader.layout.global_batch,
@@ -69,16 +109,22 @@ def train_loop(loop_config: dict) -> None:
     running_loss = torch.zeros(())
     steps_in_window = 0
 
+    batch_views = BatchViews(cfg, engine.device, rank) if cfg.data.augment == "per_batch" else None
     timer = PhaseTimer(sync=cfg.train.profile)
     micro_batches = []  # outside the epoch loop: an accumulation may span two epochs
-    while state.step < cfg.train.max_steps:
+    deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes > 0 else None
+    out_of_time = False
+    while state.step < cfg.train.max_steps and not out_of_time:
         for batch in loader:
             timer.mark("data")  # time spent waiting for the loader
+            if batch_views is not None:
+                batch = batch_views(batch, loader.epoch)
+                timer.mark("augment")
             micro_batches.append(batch)
             if len(micro_batches) < cfg.train.accumulate:
                 continue
             loss = contrastive_step(engine, micro_batches, cfg, timer)
-            micro_batches = []
+            step_batches, micro_batches = micro_batches, []  # step_batches: for the key log
 
             state.step += 1
             state.samples_seen += loader.layout.global_batch * cfg.train.accumulate
@@ -99,15 +145,68 @@ def train_loop(loop_config: dict) -> None:
                     log.flush()
                 timer.mark("log")
 
-            # ---- checkpoint: all ranks write their part; Ray Train merges and persists them
+            # ---- kNN on small labeled sets (eval.every): every rank embeds its share, so that
+            # ZeRO-3's collective forward passes line up; rank 0 scores, logs and says it
+            if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.train.max_steps):
+                top1 = knn_during_training(engine.module, cfg.eval, image_size=cfg.data.image_size, rank=rank,
+                                           world=world, storage_options=eval_storage_options(cfg, loop_config))
+                if log is not None:
+                    log.add_eval(state.step, knn_top1=top1)
+                    say(f"kNN top-1 at step {state.step}: {top1:.4f}")
+                    log.flush()
+                timer.mark("eval")
+
+            attempt.step_done(state.step)  # the recovery timeline: first step after a (re)start
+            if keys is not None:
+                keys.add(state.step, loader.epoch, step_batches)
+                if state.step % cfg.train.log_every == 0:
+                    keys.flush()
+
+            # ---- checkpoint: every K steps, every T minutes (rank 0's clock), at the end; all
+            # ranks write their part, Ray Train uploads (in the background) and merges them
+            if deadline is not None:  # rank 0's clock decides, so every rank stops at the same step
+                out_of_time = checkpoint.rank0_says(rank == 0 and time.monotonic() >= deadline, group=control)
             every = cfg.train.checkpoint_every
-            if (every and state.step % every == 0) or state.step == cfg.train.max_steps:
-                checkpoint.save_and_report({"step": state.step, "samples_seen": state.samples_seen},
-                                           engine=engine, loader=loader, state=state, rank=rank,
-                                           world_size=world, config=loop_config["config"])
+            due = (every and state.step % every == 0) or state.step == cfg.train.max_steps or out_of_time
+            if not due and cfg.train.checkpoint_minutes > 0:
+                late = time.monotonic() - last_save >= 60 * cfg.train.checkpoint_minutes
+                due = checkpoint.rank0_says(rank == 0 and late, group=control)
+            if due:
+                name = checkpoint.checkpoint_name(state.step, taken)
+                taken.add(name)
+                if keys is not None:
+                    keys.flush()
+                timing = checkpoint.save_and_report({"step": state.step, "samples_seen": state.samples_seen},
+                                                    engine=engine, loader=loader, state=state, rank=rank,
+                                                    world_size=world, config=loop_config["config"], name=name,
+                                                    target_global_batch=global_batch,
+                                                    async_upload=cfg.train.async_upload)
+                attempt.checkpointed(state.step, name, timing)
+                last_save = time.monotonic()
                 timer.mark("checkpoint")
-            if state.step >= cfg.train.max_steps:
+            if state.step >= cfg.train.max_steps or out_of_time:
                 break
+
+    if log is not None:
+        log.close()  # last flush of the CSV and the TensorBoard file
+
+
+class BatchViews:
+    """Two views of a decoded uint8 batch, made on the training device (data.augment=per_batch).
+
+    The random draws are seeded by (seed, epoch, batch number, rank), so a resumed run with
+    the same layout augments every batch as the uninterrupted run did.
+    """
+
+    def __init__(self, cfg, device, rank: int):
+        self.augment = BatchTwoViews(cfg.data.image_size).to(device)
+        self.device, self.seed, self.rank = device, cfg.data.seed, rank
+
+    def __call__(self, batch: dict, epoch: int) -> dict:
+        torch.manual_seed(data.sample_seed(self.seed, epoch, f"batch{batch['__batch__']}/rank{self.rank}"))
+        images = batch.pop("image").to(self.device, non_blocking=True)
+        batch["view1"], batch["view2"] = self.augment(images)
+        return batch
 
 
 def embed(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:

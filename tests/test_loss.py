@@ -135,6 +135,14 @@ def test_bf16_inputs_are_computed_in_fp32(name):
     # fp64 on the same (bf16-rounded) values: only fp32 rounding separates them
     ref = ours(name, a.double(), b.double(), [p.double() for p in params], None)
     assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    # a caller's autocast does not reach inside: values and gradients stay fp32
+    x = a.detach().float().requires_grad_()
+    plain = torch.autograd.grad(ours(name, x, b.float(), params, 16), x)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = ours(name, x, b.float(), params, 16)
+    assert in_autocast.dtype == torch.float32
+    assert abs(in_autocast.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    assert rel_err(torch.autograd.grad(in_autocast, x)[0], plain) <= 1e-5
 
 
 # Large scales take the other numerical paths: row-max log-sum-exp (scale above 40 in fp32,
@@ -182,7 +190,63 @@ def test_no_similarity_matrix_is_kept_for_backward(chunk):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = L.nt_xent(z1, z2, 0.1, chunk_size=chunk)
     loss.backward()
-    assert max(largest) <= 2 * n * d, max(largest)  # (2n x 2N) would be 2n * 2n  # embeddings only, O(2N x D)
+    assert max(largest) <= 2 * n * d, max(largest)  # (2N, D) at most; (2n x 2N) would be 4 n^2
+
+
+def _reset_peak_rss() -> int:
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
+        f.write("5")
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+def test_peak_memory_scales_with_chunk_not_batch():
+    """2n = 4096 anchors x 4096 columns: 64 MiB unchunked; a 128-row chunk is 2 MiB."""
+    torch.manual_seed(0)
+    z1 = torch.randn(2048, 32, requires_grad=True)
+    z2 = torch.randn(2048, 32, requires_grad=True)
+    peaks = {}
+    for chunk in (128, None, 128):  # the first run warms up
+        z1.grad = z2.grad = None
+        base = _reset_peak_rss()
+        L.nt_xent(z1, z2, 0.1, chunk_size=chunk).backward()
+        peaks[chunk] = (_peak_rss() - base) / 2**20
+    assert peaks[128] < 16, peaks  # 2 MiB of logits plus (N, D) vectors and their gradients
+    assert peaks[None] > 48, peaks  # the measurement sees a full matrix when there is one
+
+
+def test_no_grad_skips_gradient_work_and_gives_same_value():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 32, 8, dtype=torch.float64)
+    for name in REFS:
+        params = make_params(name)
+        with torch.no_grad():
+            value = ours(name, a, b, params, 5)
+        assert not value.requires_grad
+        assert abs(value.item() - REFS[name](a, b, params).mean().item()) < 1e-12
+
+
+def test_gradcache_api():
+    z = [torch.randn(3, 4), torch.randn(2, 4)]
+    loss, grads = embedding_grads(lambda x: (x**2).sum(), z)  # one field, tensors not tuples
+    assert loss.item() == pytest.approx(sum((t**2).sum().item() for t in z))
+    assert [g.shape for g in grads] == [(3, 4), (2, 4)] and torch.allclose(grads[1], 2 * z[1])
+    w = torch.tensor(2.0, requires_grad=True)
+    loss, grads, (gw,) = embedding_grads(lambda x: w * x.sum(), z, params=[w])
+    assert gw.item() == pytest.approx(sum(t.sum().item() for t in z)) and w.grad is None
+    with pytest.raises(ValueError, match="shape"):
+        surrogate_loss(torch.zeros(3, 4), torch.zeros(4, 3))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,295 @@
+"""The data stream over the real S3 protocol (moto server on 127.0.0.1) with real CIFAR JPEGs.
+
+Exactly-once over 1-3 ranks x 0-2 loader workers on shards of uneven size, resume into
+another layout, determinism, the equal-batch rule, and the fast parser / decoder against
+the reference ones. Faults (truncated, corrupt, deleted shards, unreachable endpoint) are in
+test_data_faults.py.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import cifar_slice
+from ssl_dist import data, shards, storage
+
+PER_CLASS = 20  # 200 real JPEGs
+SPS = 23  # samples per shard: 8 shards of 23 and one of 16
+
+
+# ------------------------------------------------------------------ fixtures and helpers
+
+
+@pytest.fixture(scope="session")
+def cifar_local(tmp_path_factory) -> tuple[Path, dict]:
+    """Shards of a CIFAR slice on local disk (uneven: 8 x 23 + 16), made once per session."""
+    root = tmp_path_factory.mktemp("data_stream")
+    src = cifar_slice(root / "src", PER_CLASS)
+    manifest = shards.make_shards(str(src), str(root / "shards"), samples_per_shard=SPS, workers=2)
+    return root / "shards", manifest
+
+
+def upload(folder: Path, url: str) -> None:
+    """Copy a local shard folder to an object-store URL (every file, index.json last)."""
+    fs, root = storage.filesystem(url, storage.storage_options(url))
+    files = sorted(p for p in folder.iterdir() if p.name != "index.json") + [folder / "index.json"]
+    for path in files:
+        fs.pipe_file(f"{root}/{path.name}", path.read_bytes())
+
+
+@pytest.fixture(scope="session")
+def cifar_s3(cifar_local, s3_endpoint) -> str:
+    """The same shards in a moto bucket; returns the URL."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="data-stream")
+    upload(cifar_local[0], "s3://data-stream/cifar")
+    return "s3://data-stream/cifar"
+
+
+def all_keys(manifest_folder: Path) -> set[str]:
+    return {p.parent.name + "/" + p.stem for p in (manifest_folder.parent / "src").glob("*/*.jpg")}
+
+
+def run_epoch(url: str, world: int, workers: int, batch_size: int, **kw) -> tuple[list[list[dict]], list]:
+    """Every rank's batches of one epoch (batch dicts without images) and the loaders."""
+    loaders = [data.make_loader(url, rank=r, world_size=world, batch_size=batch_size, num_workers=workers,
+                                transform=kw.pop("transform", keys_only), **kw) for r in range(world)]
+    return [[light(b) for b in loader] for loader in loaders], loaders
+
+
+def keys_only(sample: dict) -> dict:
+    return {"__key__": sample["__key__"], "cls": sample["cls"]}
+
+
+def light(batch: dict) -> dict:
+    return {"keys": list(batch["__key__"]), "valid": batch["__valid__"].tolist(), "n": batch["__batch__"]}
+
+
+def delivered(per_rank: list[list[dict]]) -> list[str]:
+    return [k for batches in per_rank for b in batches for k, v in zip(b["keys"], b["valid"]) if v]
+
+
+# ------------------------------------------------------------------ exactly once
+
+
+@pytest.mark.parametrize("world, workers", list(itertools.product([1, 2, 3], [0, 1, 2])))
+def test_exactly_once_over_ranks_and_workers(cifar_s3, cifar_local, world, workers):
+    folder, manifest = cifar_local
+    assert [s["num_samples"] for s in manifest["shards"]] == [SPS] * 8 + [16]
+    per_rank, loaders = run_epoch(cifar_s3, world, workers, batch_size=7, shuffle_window=60)
+    keys = delivered(per_rank)
+    assert len(keys) == len(set(keys)), "a sample was delivered twice"
+    dropped = loaders[0].stats()["dropped_remainder"]
+    assert dropped == 200 % (7 * world) and dropped < 7 * world
+    assert set(keys) <= all_keys(folder) and len(keys) == 200 - dropped
+    assert len({len(b) for b in per_rank}) == 1, "ranks got different numbers of batches"
+    assert all(len(b["keys"]) == 7 and all(b["valid"]) for batches in per_rank for b in batches)
+    assert [b["n"] for b in per_rank[0]] == list(range(len(per_rank[0])))
+    stats = [loader.stats() for loader in loaders]
+    assert sum(s["samples"] for s in stats) == 0  # the epoch is over: counters are the next epoch's
+    assert all(s["epoch"] == 1 and s["skipped_samples"] == 0 for s in stats)
+
+
+def test_one_shard_feeds_more_readers_than_it_has_shards(tmp_path):
+    src = cifar_slice(tmp_path / "src", 3)  # 30 samples in ONE shard, read by 3 ranks x 2 loader workers
+    shards.make_shards(str(src), str(tmp_path / "one"), workers=1)
+    per_rank, _ = run_epoch(str(tmp_path / "one"), 3, 2, batch_size=2, shuffle_window=12)
+    keys = delivered(per_rank)
+    assert len(keys) == len(set(keys)) == 30 and len({len(b) for b in per_rank}) == 1
+
+
+# ------------------------------------------------------------------ resume
+
+
+def take(loader, k: int) -> list[dict]:
+    """The first k batches; then the iterator (and its loader workers, with prefetched batches) is dropped."""
+    iterator = iter(loader)
+    out = [light(next(iterator)) for _ in range(k)]
+    iterator.close()
+    return out
+
+
+@pytest.mark.parametrize("before, after", [((2, 2), (3, 1)), ((3, 1), (1, 2)), ((2, 0), (2, 0))])
+def test_resume_into_another_layout_is_exactly_once(cifar_s3, before, after):
+    (w0, n0), (w1, n1) = before, after
+    old = [data.make_loader(cifar_s3, rank=r, world_size=w0, batch_size=5, num_workers=n0, shuffle_window=40,
+                            transform=keys_only) for r in range(w0)]
+    first = [take(loader, 3) for loader in old]  # odd: the next batch belongs to another loader worker
+    states = [loader.state_dict() for loader in old]
+    assert all(s["batches"] == 3 for s in states)
+
+    new = [data.make_loader(cifar_s3, rank=r, world_size=w1, batch_size=5, num_workers=n1, shuffle_window=40,
+                            transform=keys_only) for r in range(w1)]
+    for loader in new:
+        loader.load_state_dict(states)
+    dropped = new[0].stats()["dropped_remainder"]
+    rest = [[light(b) for b in loader] for loader in new]
+    keys = delivered(first) + delivered(rest)
+    assert len(keys) == len(set(keys)) == 200 - dropped and dropped < 5 * w1
+    assert len({len(b) for b in rest}) == 1
+    # then the next epoch, complete and exactly once
+    assert all(loader.epoch == 1 for loader in new)
+    nxt = [[light(b) for b in loader] for loader in new]
+    keys = delivered(nxt)
+    assert len(keys) == len(set(keys)) == 200 - 200 % (5 * w1)
+
+    if before == after:  # the same layout continues with exactly the batches of an uninterrupted run
+        straight = [[light(b) for b in data.make_loader(cifar_s3, rank=r, world_size=w0, batch_size=5,
+                                                        num_workers=n0, shuffle_window=40, transform=keys_only)]
+                    for r in range(w0)]
+        assert [f + r for f, r in zip(first, rest)] == straight
+
+
+def test_resume_reads_from_inside_the_shard(cifar_s3, monkeypatch):
+    loader = data.make_loader(cifar_s3, rank=0, world_size=1, batch_size=10, shuffle_window=50,
+                              transform=keys_only)
+    take(loader, 7)
+    state = loader.state_dict()
+    reads = []
+    original = data.ShardSet.read_samples
+
+    def spy(self, shard, first, stop):
+        reads.append((shard, first, stop))
+        return original(self, shard, first, stop)
+
+    monkeypatch.setattr(data.ShardSet, "read_samples", spy)
+    again = data.make_loader(cifar_s3, rank=0, world_size=1, batch_size=10, shuffle_window=50, transform=keys_only)
+    again.load_state_dict([state])
+    next(iter(again))
+    # Only what the rest of the epoch needs is read: the current window (plan positions 50-99,
+    # 30 of them still to come; small gaps are read through) and the prefetched next one
+    # (100-149), each from where it starts inside its shards; never window 0 or a shard's start
+    # before the resume point.
+    order, starts = again.shards.order(0, 0)
+    slot_of = {int(shard): slot for slot, shard in enumerate(order)}
+    positions = [int(starts[slot_of[shard]]) + i for shard, first, stop in reads for i in range(first, stop)]
+    assert min(positions) >= 50 and max(positions) < 150 and len(reads) <= 8
+    assert any(first > 0 for _, first, _ in reads)
+
+
+# ------------------------------------------------------------------ determinism
+
+
+def test_order_is_a_function_of_seed_and_epoch(cifar_local):
+    def order(seed, epoch=0, world=1, workers=0):  # storage plays no part here: local shards
+        loader = data.make_loader(str(cifar_local[0]), rank=0, world_size=world, batch_size=8, num_workers=workers,
+                                  seed=seed, epoch=epoch, shuffle_window=64, transform=keys_only)
+        return [k for b in loader for k in b["__key__"]]
+
+    base = order(0)
+    assert base == order(0)
+    assert order(0, workers=2) == order(0, workers=2)
+    assert base != order(1) and sorted(base) == sorted(order(1))
+    assert base != order(0, epoch=1)
+    assert base != sorted(base)  # samples are shuffled, not read in shard order
+
+
+def test_augmentation_is_the_same_in_every_layout(cifar_s3):
+    from ssl_dist.augment import TwoViews
+
+    def views(world, workers):
+        out = {}
+        for rank in range(world):
+            loader = data.make_loader(cifar_s3, rank=rank, world_size=world, batch_size=10, num_workers=workers,
+                                      transform=TwoViews(16), seed=3)
+            for b in itertools.islice(loader, 3):
+                assert b["view1"].shape == (10, 3, 16, 16)
+                out.update({k: (v1, v2) for k, v1, v2 in zip(b["__key__"], b["view1"], b["view2"])})
+        return out
+
+    one, many = views(1, 0), views(2, 1)
+    common = set(one) & set(many)
+    assert common
+    for key in common:
+        assert torch.equal(one[key][0], many[key][0]) and torch.equal(one[key][1], many[key][1])
+    state = torch.get_rng_state()
+    next(iter(data.make_loader(cifar_s3, rank=0, world_size=1, batch_size=4, transform=TwoViews(16))))
+    assert torch.equal(state, torch.get_rng_state())  # the caller's generator is left alone
+
+
+# ------------------------------------------------------------------ parsing and decoding
+
+
+def test_parse_samples_matches_the_reference_parser(cifar_local, tmp_path):
+    import webdataset as wds
+
+    folder, manifest = cifar_local
+    pax = tmp_path / "pax"
+    pax.mkdir()
+    items = shards.group_samples(shards.parse_members((folder / "shard-000000.tar").read_bytes()))
+    with wds.TarWriter(str(pax / "p.tar")) as writer:  # PAX headers on every member: the slow path
+        for key, fields in items:
+            writer.write({"__key__": key, **fields})
+    pax_manifest = shards.index_shards(str(pax), workers=1)
+    for where, entry in [(folder, s) for s in manifest["shards"][:3]] + [(pax, pax_manifest["shards"][0])]:
+        blob = (where / entry["url"]).read_bytes()
+        offsets = shards.read_offsets(str(where), entry).astype(np.int64)
+        ends = np.append(offsets[1:], entry["size"])
+        expected = [shards.group_samples(shards.parse_members(blob[a:z]))[0] for a, z in zip(offsets, ends)]
+        assert shards.parse_samples(blob, offsets, ends) == expected
+        # a read that starts at sample 5 and stops short (a truncated shard): the last samples are cut short
+        base = int(offsets[5])
+        cut = blob[base:int(offsets[9]) + 700]
+        got = shards.parse_samples(cut, offsets[5:12] - base, ends[5:12] - base)
+        assert got[:4] == expected[5:9]
+        assert all(isinstance(g, shards.ShardError) and "cut short" in str(g) for g in got[4:])
+    # a corrupt header (checksum) and a wrong offset are errors of that sample only
+    blob = bytearray((folder / "shard-000001.tar").read_bytes())
+    offsets = shards.read_offsets(str(folder), manifest["shards"][1]).astype(np.int64)
+    ends = np.append(offsets[1:], len(blob))
+    blob[int(offsets[2]) + 10] ^= 0x20  # a letter of the name: the stored checksum no longer matches
+    got = shards.parse_samples(bytes(blob), offsets, ends)
+    assert isinstance(got[2], shards.ShardError) and "checksum" in str(got[2])
+    assert all(isinstance(g, tuple) for i, g in enumerate(got) if i != 2)
+    shifted = shards.parse_samples(bytes(blob), offsets[3:5] + 512, ends[3:5])
+    assert all(isinstance(g, shards.ShardError) for g in shifted)
+
+
+def test_decoder_gives_the_pixels_pil_gives(cifar_local):
+    from PIL import Image
+
+    folder, manifest = cifar_local
+    blob = (folder / "shard-000000.tar").read_bytes()
+    samples = shards.group_samples(shards.parse_members(blob))
+    decoded = data.decode_samples(samples, "tensor")
+    as_pil = data.decode_samples(samples, "pil")
+    for (key, fields), tensor, pil in zip(samples, decoded, as_pil):
+        reference = np.asarray(Image.open(io.BytesIO(fields["jpg"])).convert("RGB"))
+        assert tensor["image"].dtype == torch.uint8 and tensor["image"].shape == (3, 32, 32)
+        assert np.array_equal(tensor["image"].permute(1, 2, 0).numpy(), reference), key
+        assert np.array_equal(np.asarray(pil["image"]), reference) and pil["cls"] == tensor["cls"]
+    png = io.BytesIO()
+    Image.new("RGB", (5, 4), (1, 2, 3)).save(png, format="PNG")
+    sample = data.decode_sample("k", {"png": png.getvalue(), "cls": b" 7\n", "txt": b"hi"}, "tensor")
+    assert sample["image"].shape == (3, 4, 5) and sample["cls"] == 7 and sample["txt"] == b"hi"
+    bad = data.decode_samples([("a", {"jpg": b"no jpeg"}), ("b", {"cls": b"1"}), ("c", {"jpg": samples[0][1]["jpg"],
+                                                                                    "cls": b"x"})])
+    assert "a.jpg: image does not decode" in bad[0] and "b: no image member" in bad[1]
+    assert "c: .cls b'x' is not an integer" in bad[2]
+
+
+def test_tensor_batches_and_user_errors(cifar_s3, cifar_local, tmp_path):
+    loader = data.make_loader(cifar_s3, rank=0, world_size=2, batch_size=16, num_workers=1, image_format="tensor")
+    batch = next(iter(loader))
+    assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.uint8
+    assert batch["cls"].shape == (16,) and batch["__valid__"].all() and len(batch["image_bytes"]) == 16
+
+    with pytest.raises(data.DataError, match=r"no index.json at .*nowhere: make shards with `ssl-dist shards make"):
+        data.make_loader(str(tmp_path / "nowhere"), rank=0, world_size=1, batch_size=4)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "index.json").write_text('{"format": "ssl_dist.shards/1", "shards": [], "num_samples": 0}')
+    with pytest.raises(data.DataError, match="lists no samples"):
+        data.make_loader(str(tmp_path / "empty"), rank=0, world_size=1, batch_size=4)
+    with pytest.raises(data.DataError, match=r"has 200 samples, fewer than one global batch \(64 x 4 ranks = 256\)"):
+        data.make_loader(cifar_s3, rank=0, world_size=4, batch_size=64)
+    with pytest.raises(data.DataError, match="image_format"):
+        data.make_loader(cifar_s3, rank=0, world_size=1, batch_size=4, image_format="jpeg")
+    with pytest.raises(storage.StorageError, match="bucket 'no-such-bucket-x'"):
+        data.make_loader("s3://no-such-bucket-x/d", rank=0, world_size=1, batch_size=4)

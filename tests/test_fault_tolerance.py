@@ -1,0 +1,453 @@
+"""Fault tolerance end to end: a killed worker, a killed driver, a resume on another number of
+workers, a corrupt checkpoint, and the exported encoder. Real Ray (the session's local
+cluster), real DeepSpeed on CPU, checkpoints in the moto S3 server.
+
+A run that fails and resumes must be indistinguishable from one that never failed: same
+final parameters (to float32 round-off) and the same sample keys at every step. The
+failure-free references run once per ZeRO stage and are shared by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import ssl_dist_cli
+
+from ssl_dist import checkpoint, metrics, storage
+
+MAX_STEPS = 12  # 6 global batches of 32 per epoch (200 samples, 8 dropped): 2 epochs
+EVERY = 4
+RUN = [
+    "data.batch_size=16", "data.loader_workers=1", "data.image_size=32",
+    "model.cifar_stem=false", "model.proj_hidden_dim=128", "model.proj_dim=32",
+    "optim.lr=0.002", "optim.warmup_steps=3", "train.log_every=1", "train.log_keys=true",
+    f"train.checkpoint_every={EVERY}", "run.cpus_per_worker=1", "run.keep_checkpoints=2", "run.max_failures=2",
+]
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def args_for(shards, name, *extra, workers=2, stage=1, steps=MAX_STEPS):
+    return ["pretrain", f"data.train_url={shards['train']}", f"run.storage_path=s3://{shards['bucket']}/ft",
+            f"run.name={name}", *RUN, f"run.num_workers={workers}", f"train.zero_stage={stage}",
+            f"train.max_steps={steps}", *extra]
+
+
+def run_url(shards, name):
+    return f"s3://{shards['bucket']}/ft/{name}"
+
+
+def start(args, ray_address):
+    """The driver as a process of its own (so that it can be killed)."""
+    return subprocess.Popen([sys.executable, "-m", "ssl_dist.cli", *args],
+                            env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(driver, timeout=600) -> str:
+    try:
+        output, _ = driver.communicate(timeout=timeout)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, output[-4000:]
+    return output
+
+
+def registered(url) -> str | None:
+    """The newest checkpoint Ray Train's controller registered (what a restart gets back)."""
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache()
+    try:
+        snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def wait_for_registered(url, driver, *, after_step=0, timeout=300) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        name = registered(url)
+        if name is not None and checkpoint.name_key(name)[0] > after_step:
+            return name
+        assert driver.poll() is None, driver.stdout.read()[-4000:]
+        assert time.monotonic() < deadline, f"no checkpoint registered after {timeout} s"
+        time.sleep(0.2)
+
+
+def cluster_workers(ray_address) -> list[psutil.Process]:
+    """Ray Train worker processes of *this* Ray cluster (other clusters may run on the host):
+    children of the raylet whose GCS listens on our port, not their data-loader children."""
+    port = ray_address.rsplit(":", 1)[1]
+    workers = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "raylet" and any(a.startswith("--gcs-address=") and a.endswith(f":{port}")
+                                                 for a in cmdline):
+            for child in proc.children():
+                try:
+                    if child.name() == "ray::RayTrainWorker" and \
+                            " ".join(child.cmdline()).startswith("ray::RayTrainWorker"):
+                        workers.append(child)
+                except psutil.NoSuchProcess:
+                    pass
+    return workers
+
+
+def wait_until_no_workers(ray_address, timeout=120):
+    deadline = time.monotonic() + timeout
+    while cluster_workers(ray_address):
+        assert time.monotonic() < deadline, "training workers outlived their driver"
+        time.sleep(0.5)
+
+
+def final_state(url) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 parameters and buffers of the run's final checkpoint (no DeepSpeed engine)."""
+    from ssl_dist.evaluate import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(storage.join(url, checkpoint.checkpoint_name(MAX_STEPS)))
+    return model.state_dict()
+
+
+def keys_per_step(url) -> dict[int, list[list[str]]]:
+    """{step: [keys of rank 0, keys of rank 1, ...]} over every attempt; a step done twice (before
+    a failure and again after the resume) must have had the same keys both times."""
+    merged: dict[int, dict[int, list[str]]] = {}
+    for log in checkpoint.read_keys(url):
+        for row in log["rows"]:
+            seen = merged.setdefault(row["step"], {})
+            if log["rank"] in seen:
+                assert seen[log["rank"]] == row["keys"], f"step {row['step']} saw other keys when redone"
+            seen[log["rank"]] = row["keys"]
+    return {step: [ranks[r] for r in sorted(ranks)] for step, ranks in merged.items()}
+
+
+def assert_same_run(url, reference):
+    """Same sample keys per step and per rank, and the same final parameters, as the reference."""
+    got, want = keys_per_step(url), keys_per_step(reference)
+    assert sorted(want) == list(range(1, MAX_STEPS + 1))
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == want[step], f"step {step}: other samples than the failure-free run"
+    a, b = final_state(url), final_state(reference)
+    assert a.keys() == b.keys()
+    for name in b:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-7, msg=f"{name} differs")
+
+
+def drop(url):
+    """Delete a run folder once checked: moto keeps every object in memory."""
+    fs, path = storage.filesystem(url)
+    fs.rm(path, recursive=True)
+
+
+def copy_checkpoints(shards, source_name, target_name, names):
+    fs, _ = storage.filesystem(run_url(shards, source_name))
+    for name in names:
+        src = run_url(shards, source_name)[5:] + "/" + name
+        fs.copy(src, run_url(shards, target_name)[5:] + "/" + name, recursive=True)
+
+
+@pytest.fixture(scope="module")
+def references(cifar_shards_s3, ray_address):
+    """Failure-free runs, one per ZeRO stage, made when first asked for."""
+    made = {}
+
+    def reference(stage):
+        if stage not in made:
+            name = f"reference-z{stage}"
+            done = ssl_dist_cli(*args_for(cifar_shards_s3, name, stage=stage), env={"RAY_ADDRESS": ray_address})
+            assert done.returncode == 0, done.stderr[-4000:]
+            made[stage] = run_url(cifar_shards_s3, name)
+        return made[stage]
+
+    yield reference
+    fs, _ = storage.filesystem(run_url(cifar_shards_s3, "x"))
+    fs.rm(f"{cifar_shards_s3['bucket']}/ft", recursive=True)  # moto keeps objects in memory
+
+
+# ---- a killed worker, a killed driver ------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_killed_worker_resumes_as_if_nothing_happened(stage, cifar_shards_s3, ray_address, references):
+    reference = references(stage)
+    name = f"killed-worker-z{stage}"
+    url = run_url(cifar_shards_s3, name)
+    driver = start(args_for(cifar_shards_s3, name, stage=stage), ray_address)
+    wait_for_registered(url, driver)
+    victims = cluster_workers(ray_address)
+    assert len(victims) == 2
+    os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
+    output = finish(driver)
+
+    attempts = [[int(r["step"]) for r in rows] for rows in metrics.read_history(url)]
+    assert len(attempts) == 2, attempts
+    resumed_at = attempts[1][0] - 1
+    assert resumed_at % EVERY == 0 and resumed_at >= EVERY and attempts[1][-1] == MAX_STEPS
+    assert f"resumed from step {resumed_at}" in output
+    assert_same_run(url, reference)
+    drop(url)
+
+
+def test_killed_driver_then_rerun_resumes_as_if_nothing_happened(cifar_shards_s3, ray_address, references):
+    reference = references(1)
+    name = "killed-driver"
+    url = run_url(cifar_shards_s3, name)
+    driver = start(args_for(cifar_shards_s3, name), ray_address)
+    wait_for_registered(url, driver)
+    driver.send_signal(signal.SIGKILL)  # the whole job: driver, Ray Train controller, workers
+    driver.wait(timeout=60)
+    wait_until_no_workers(ray_address)
+    assert checkpoint.newest_complete(url).step < MAX_STEPS
+
+    output = finish(start(args_for(cifar_shards_s3, name), ray_address))  # the same command again
+    assert "the run resumes" in output
+    resumed_at = int(re.search(r"resumed from step (\d+)", output).group(1))
+    assert EVERY <= resumed_at < MAX_STEPS
+    assert_same_run(url, reference)
+    drop(url)
+
+
+# ---- another number of workers -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_two_worker_checkpoint_resumes_on_other_worker_counts_exactly_once(workers, cifar_shards_s3, ray_address,
+                                                                           references):
+    reference = references(1)
+    mid, steps = 8, 14  # step 8: 2 batches into epoch 1; 14: into epoch 2
+    name = f"resized-{workers}"
+    copy_checkpoints(cifar_shards_s3, "reference-z1", name, [checkpoint.checkpoint_name(mid)])
+    url = run_url(cifar_shards_s3, name)
+    done = ssl_dist_cli(*args_for(cifar_shards_s3, name, "--resume", workers=workers, steps=steps),
+                        env={"RAY_ADDRESS": ray_address})
+    assert done.returncode == 0, done.stderr[-4000:]
+    output = done.stdout + done.stderr
+    assert f"resumed from step {mid} (epoch 1)" in output and f"resharded from 2 to {workers} workers" in output
+    global_batch = 32 if workers == 1 else 30
+    if workers == 3:  # 32 does not divide by 3: the default policy rounds down, and says so
+        assert "global batch of 32 does not divide among 3 workers" in output and "a global batch of 30" in output
+
+    # Epoch 1: its first 2 steps by the 2-worker run, the rest by this one: every sample once.
+    before = [k for step, ranks in keys_per_step(reference).items() if 6 < step <= mid for keys in ranks
+              for k in keys]
+    after_rows = [row for log in checkpoint.read_keys(url) for row in log["rows"]]
+    assert {row["step"] for row in after_rows} == set(range(mid + 1, steps + 1))
+    assert all(len(row["keys"]) == global_batch // workers for row in after_rows)
+    after = [k for row in after_rows if row["epoch"] == 1 for k in row["keys"]]
+    epoch = before + after
+    assert len(epoch) == len(set(epoch)), "a sample was used twice in the epoch"
+    assert 200 - len(epoch) < global_batch  # only a remainder smaller than one global batch is left out
+    assert {row["epoch"] for row in after_rows} == {1, 2}  # and the next epoch began
+    assert [int(r["step"]) for r in metrics.read_history(url)[0]] == list(range(mid + 1, steps + 1))
+    drop(url)
+
+
+# ---- a corrupt checkpoint --------------------------------------------------------------------
+
+
+def test_checkpoint_missing_a_rank_shard_falls_back_to_the_previous_one(cifar_shards_s3, ray_address, references):
+    reference = references(1)
+    name = "corrupt"
+    copy_checkpoints(cifar_shards_s3, "reference-z1", name, ["checkpoint-00000008", "checkpoint-00000012"])
+    url = run_url(cifar_shards_s3, name)
+    fs, path = storage.filesystem(url)
+    fs.rm(f"{path}/checkpoint-00000012/deepspeed/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+
+    done = ssl_dist_cli(*args_for(cifar_shards_s3, name, "--resume"), env={"RAY_ADDRESS": ray_address})
+    assert done.returncode == 0, done.stderr[-4000:]
+    output = done.stdout + done.stderr
+    assert "checkpoint checkpoint-00000012 is incomplete" in output and "zero_pp_rank_1" in output
+    assert "falling back" in output and "resumed from step 8" in output
+    # Steps 9-12 again, on the same 2 workers: the same run as the one never corrupted.
+    rows = {row["step"]: row["keys"] for log in checkpoint.read_keys(url) for row in log["rows"] if log["rank"] == 0}
+    assert sorted(rows) == [9, 10, 11, 12]
+    assert all(rows[s] == keys_per_step(reference)[s][0] for s in rows)
+    a, b = final_state(url), final_state(reference)
+    for key in b:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-7)
+    drop(url)
+
+
+# ---- export ------------------------------------------------------------------------------------
+
+
+def readme_snippet() -> str:
+    """The Python snippet under the README's export section (the test runs the documented text)."""
+    text = README.read_text()
+    section = text[text.index("ssl-dist export"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+ENGINE_EMBEDDINGS = """
+import os, sys, torch, torch.distributed as dist
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[3], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from ssl_dist import checkpoint, config, data
+from ssl_dist.engine import build_engine
+from ssl_dist.model import build_model
+info = checkpoint.inspect(sys.argv[1])
+cfg = config.from_dict(info.meta["config"])
+engine = build_engine(build_model(cfg.model), cfg, 1)
+loader = data.make_loader(cfg.data.train_url, rank=0, world_size=1, batch_size=32, seed=cfg.data.seed)
+checkpoint.restore(info, engine=engine, loader=loader, rank=0, world_size=1)  # 2 -> 1 worker: universal
+engine.module.eval()
+with torch.no_grad():
+    torch.save(engine.module.features(torch.load(sys.argv[2])), sys.argv[2] + ".engine")
+"""
+
+
+def test_export_loads_into_plain_torchvision_with_the_engines_embeddings(cifar_shards_s3, references, tmp_path):
+    from conftest import free_port
+
+    reference = references(1)
+    ckpt = storage.join(reference, checkpoint.checkpoint_name(MAX_STEPS))
+    out = tmp_path / "encoder"
+    done = ssl_dist_cli("export", ckpt, str(out))
+    assert done.returncode == 0, done.stderr[-4000:]
+    spec = json.loads((out / "encoder.json").read_text())
+    assert spec["arch"] == "resnet18" and spec["feature_dim"] == 512 and spec["step"] == MAX_STEPS
+
+    images = tmp_path / "images.pt"
+    torch.save(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), images)
+    # A fresh process with torchvision and safetensors only: the README's snippet, verbatim.
+    plain = f"import os, sys\nos.chdir({str(tmp_path)!r})\n" + readme_snippet() + textwrap.dedent("""
+        with torch.no_grad():
+            torch.save(model(torch.load("images.pt")), "images.pt.plain")
+        assert not {"deepspeed", "ray", "ssl_dist"} & set(sys.modules), "the snippet needs only torchvision"
+    """)
+    result = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    result = subprocess.run([sys.executable, "-c", ENGINE_EMBEDDINGS, ckpt, str(images), str(free_port())],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    engine = torch.load(str(images) + ".engine")
+    torch.testing.assert_close(torch.load(str(images) + ".plain"), engine, rtol=1e-5, atol=1e-6)
+    assert engine.shape == (6, 512)
+
+
+# ---- without Ray: the checks and decisions -----------------------------------------------------
+
+
+def fake_checkpoint(root: Path, step: int, world: int = 2, *, suffix: str = "", config: dict | None = None) -> str:
+    """A checkpoint folder with the real layout (tiny files) as `save` writes it."""
+    folder = root / (checkpoint.checkpoint_name(step) + suffix)
+    for rank in range(world):
+        files = {f"deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": b"o" * (10 + rank),
+                 checkpoint.stream_file(rank): b"{}"}
+        if rank == 0:
+            meta = {"format": checkpoint.FORMAT, "step": step, "samples_seen": 32 * step, "world_size": world,
+                    "global_batch": 32, "target_global_batch": 32, "zero_stage": 1, "config": config or {}}
+            files["deepspeed/mp_rank_00_model_states.pt"] = b"m" * 20
+            files[checkpoint.META] = json.dumps(meta).encode()
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+        part = {"rank": rank, "step": step, "files": {rel: len(data) for rel, data in files.items()}}
+        (folder / checkpoint.part_file(rank)).parent.mkdir(exist_ok=True)
+        (folder / checkpoint.part_file(rank)).write_text(json.dumps(part))
+    return str(folder)
+
+
+def test_incomplete_checkpoints_are_detected_and_skipped(tmp_path):
+    for step in (4, 8, 12, 16):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-00000008" / "parts" / "rank00001.json").unlink()        # a rank never uploaded
+    (tmp_path / "checkpoint-00000012" / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"m")  # truncated
+    (tmp_path / "checkpoint-00000016" / checkpoint.META).unlink()                     # rank 0 never uploaded
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="rank"):
+        checkpoint.inspect(str(tmp_path / "checkpoint-00000008"))
+    with pytest.raises(checkpoint.IncompleteCheckpoint, match="holds 1 bytes, rank 0 wrote 20"):
+        checkpoint.inspect(str(tmp_path / "checkpoint-00000012"))
+
+    # Ray Train hands back step 12 (registered, then corrupted): fall back to 4, say so; 16 never
+    # counted (newer than anything registered) and goes; 8 and 12 may be registered and stay.
+    resume = checkpoint.find_resume(str(tmp_path), handed="checkpoint-00000012")
+    assert resume.info.step == 4
+    assert any("checkpoint-00000012 is incomplete" in n and "falling back" in n for n in resume.notes)
+    assert resume.stale == ["checkpoint-00000016"]
+    assert checkpoint.checkpoint_name(12, resume.taken) == "checkpoint-00000012.1"  # never onto the old one
+    assert checkpoint.checkpoint_name(16, resume.taken) == "checkpoint-00000016"
+    assert checkpoint.name_key("checkpoint-00000012.1") > checkpoint.name_key("checkpoint-00000012")
+
+    # No Ray Train snapshot (a run folder from elsewhere): the newest complete one, anything newer goes.
+    resume = checkpoint.find_resume(str(tmp_path))
+    assert resume.info.step == 4 and resume.stale == ["checkpoint-00000008", "checkpoint-00000012",
+                                                       "checkpoint-00000016"]
+    assert checkpoint.newest_complete(str(tmp_path)).step == 4
+
+
+def test_global_batch_on_other_worker_counts():
+    assert checkpoint.worker_batch(32, 1, 16, "round_down") == (32, None)
+    assert checkpoint.worker_batch(32, 4, 16, "error") == (8, None)
+    batch, note = checkpoint.worker_batch(32, 3, 16, "round_down")
+    assert batch == 10 and "a global batch of 30" in note
+    batch, note = checkpoint.worker_batch(32, 3, 16, "keep_per_worker")
+    assert batch == 16 and "a global batch of 48" in note
+    with pytest.raises(checkpoint.CheckpointError, match="does not divide among 3 workers"):
+        checkpoint.worker_batch(32, 3, 16, "error")
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path):
+    done = ssl_dist_cli("pretrain", "--resume", f"data.train_url={cifar_shards_s3['train']}",
+                        f"run.storage_path={tmp_path}/runs", "run.name=nothing-here")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "--resume: nothing to resume in" in done.stderr and "nothing-here" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_no_resume_clears_the_previous_run(tmp_path):
+    run = tmp_path / "run"
+    fake_checkpoint(run, 4)
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    (run / "metrics").mkdir()
+    assert checkpoint.clear_run(str(run)) == 1
+    assert list(run.iterdir()) == []
+
+
+def test_min_workers_makes_an_elastic_range_for_ray_train():
+    import ray.train
+
+    from ssl_dist import config, launch
+
+    fixed = config.load(None, ["run.num_workers=3"])
+    elastic = config.load(None, ["run.num_workers=3", "run.min_workers=1"])
+    assert launch.worker_range(fixed) == 3 and launch.worker_range(elastic) == (1, 3)
+    assert ray.train.ScalingConfig(num_workers=launch.worker_range(elastic)).elasticity_enabled
+    with pytest.raises(config.ConfigError, match="run.min_workers=4"):
+        config.load(None, ["run.num_workers=3", "run.min_workers=4"])
+
+
+def test_a_checkpoint_of_another_model_or_an_unsplittable_batch_is_refused_before_any_worker_starts(tmp_path):
+    from ssl_dist import config, launch
+
+    base = ["run.storage_path=" + str(tmp_path), "run.name=run", "train.zero_stage=1"]
+    saved = config.load(None, [*base, "model.arch=resnet34"])
+    fake_checkpoint(tmp_path / "run", 4, config=config.to_dict(saved))
+    said = []
+    with pytest.raises(checkpoint.CheckpointError, match="model.arch: 'resnet34' there, 'resnet18' here"):
+        launch.prepare_resume(config.load(None, base), None, {}, say=said.append)
+    with pytest.raises(checkpoint.CheckpointError, match="does not divide among 3 workers"):
+        launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34", "run.num_workers=3",
+                                                 "train.indivisible_batch=error"]), True, {}, say=said.append)
+    launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34"]), True, {}, say=said.append)
+    assert said == [f"{tmp_path}/run holds checkpoints up to step 4: the run resumes from its newest complete one "
+                    f"(--no-resume starts it over)"]

@@ -1,0 +1,207 @@
+"""Jobs on a real multi-node Ray cluster built on this machine (`two_node_cluster`): submitted
+with `ssl-dist submit` through the Jobs API, 2 DeepSpeed workers on 2 Ray nodes, shards read
+from the moto S3 server, checkpoints written there; watched (progress, CSV, TensorBoard,
+PNG), evaluated (jobs/evaluate.py), and a lost node survived by an elastic run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, ssl_dist_cli
+
+from ssl_dist import cli, metrics, plots, storage
+
+SMALL_RUN = [
+    "data.batch_size=16", "data.loader_workers=1", "data.image_size=32",
+    "model.cifar_stem=false", "model.proj_hidden_dim=128", "model.proj_dim=32",
+    "optim.lr=0.002", "optim.warmup_steps=3", "train.zero_stage=2", "train.log_every=1",
+    "run.num_workers=2", "run.cpus_per_worker=1",
+]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def submit_args(cluster, shards, name, *extra):
+    return ["submit", "--address", cluster.jobs_url, "--installed", f"data.train_url={shards['train']}",
+            f"run.storage_path=s3://{shards['bucket']}/runs", f"run.name={name}", *SMALL_RUN, *extra]
+
+
+def train_worker_nodes(cluster, job_id: str) -> dict[str, str]:
+    """{actor id: node id} of the job's Ray Train workers, from the head's state API (dead ones included)."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    ray_job_id = JobSubmissionClient(cluster.jobs_url).get_job_info(job_id).job_id
+    actors = list_actors(address=cluster.jobs_url, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
+                         limit=1000, raise_on_missing_output=False)
+    return {a.actor_id: a.node_id for a in actors if a.job_id == ray_job_id}
+
+
+def submitted_job_id(output: str) -> str:
+    line = next(line for line in output.splitlines() if line.startswith("submitted job "))
+    return line.split()[2].rstrip(":")
+
+
+def run_folder_bytes(run_url: str) -> dict[str, bytes]:
+    """Every object of a run folder: {path: content}."""
+    fs, path = storage.filesystem(run_url)
+    fs.invalidate_cache()
+    return {p: fs.cat_file(p) for p in fs.find(path)}
+
+
+def ray_log_files(cluster) -> list[Path]:
+    return [p for node in cluster.nodes for p in Path(node["temp_dir"]).rglob("*") if p.is_file()
+            and "logs" in p.parts and p.stat().st_size < 50 * 2**20]
+
+
+def test_submit_runs_on_two_nodes_watched_then_evaluated_and_leaks_no_credentials(two_node_cluster,
+                                                                                   cifar_shards_s3):
+    cluster, shards = two_node_cluster, cifar_shards_s3
+    run_url = f"s3://{shards['bucket']}/runs/two-nodes"
+    done = ssl_dist_cli(*submit_args(cluster, shards, "two-nodes", "train.max_steps=12", "train.checkpoint_every=6",
+                                     "eval.every=6", f"eval.train_url={shards['train']}",
+                                     f"eval.test_url={shards['test']}", "eval.k=20", "eval.max_samples=100"),
+                        timeout=900)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    job_id = submitted_job_id(done.stdout)
+
+    # Two workers, on two different Ray nodes (each node has its own id and loopback address).
+    nodes = train_worker_nodes(cluster, job_id)
+    assert len(nodes) == 2 and len(set(nodes.values())) == 2, nodes
+    assert set(nodes.values()) == {n["node_id"] for n in cluster.alive_nodes()}
+
+    # The job's logs came back through the Jobs API: progress and the kNN during training.
+    assert "step 12/12" in output and "samples/s" in output and "ETA" in output
+    assert "kNN top-1 at step 6:" in output and "kNN top-1 at step 12:" in output
+
+    # Checkpoints in S3; metrics CSV, TensorBoard file and PNG in the run folder, with the steps that ran.
+    fs, path = storage.filesystem(run_url)
+    fs.invalidate_cache()
+    assert any(p.rsplit("/", 1)[-1].startswith("checkpoint-") for p in fs.ls(path, detail=False))
+    (attempt,) = metrics.read_history(run_url)
+    assert [int(r["step"]) for r in attempt] == list(range(1, 13))
+    knn = {int(r["step"]): float(r["knn_top1"]) for r in attempt if r["knn_top1"]}
+    assert sorted(knn) == [6, 12] and all(0.0 <= v <= 1.0 for v in knn.values())
+    (events,) = metrics.read_tensorboard(run_url).values()
+    assert [step for step, _ in events["train/loss"]] == list(range(1, 13))
+    assert [step for step, _ in events["eval/knn_top1"]] == [6, 12]
+    assert {"train/lr", "train/samples_per_s"} <= set(events)
+    png = fs.cat_file(f"{path}/{plots.PNG_NAME}")
+    assert png.startswith(b"\x89PNG")
+    summary = plots.read_summary(png)
+    assert summary["steps"] == list(range(1, 13)) and summary["knn_steps"] == [6, 12]
+
+    # jobs/evaluate.py as a job on the same cluster: kNN and linear probe of the newest checkpoint.
+    from ssl_dist import submit
+
+    newest = "s3://" + sorted(p for p in fs.ls(path, detail=False) if p.rsplit("/", 1)[-1].startswith("checkpoint-"))[-1]
+    jobs, sent = submit.submit_script("jobs/evaluate.py", [newest, "--train", shards["train"], "--test",
+                                                           shards["test"], "--k", "20", "--json"],
+                                      address=cluster.jobs_url, installed=True, name="evaluate")
+    assert submit.follow(jobs, sent.job_id, progress=False) == 0
+    eval_logs = jobs.get_job_logs(sent.job_id)
+    scores = json.loads(next(line for line in reversed(eval_logs.splitlines()) if line.startswith("{")))
+    assert set(scores) == {"knn_top1", "knn_top1_random_init", "linear_top1", "linear_top1_random_init"}
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+
+    # Security: the test's credentials are nowhere in what the run and the jobs left behind:
+    # the run folder (config, metrics, TensorBoard, PNG, checkpoints), the captured logs, the
+    # jobs' runtime environments, nor Ray's own log files on either node.
+    secrets = [TEST_ACCESS_KEY.encode(), TEST_SECRET_KEY.encode()]
+    for obj, content in run_folder_bytes(run_url).items():
+        assert not any(s in content for s in secrets), f"credential in {obj}"
+    for text in (output, eval_logs, json.dumps(submit.status(cluster.jobs_url, job_id)),
+                 json.dumps(jobs.get_job_info(job_id).runtime_env), json.dumps(sent.runtime_env)):
+        assert not any(s.decode() in text for s in secrets)
+    leaking = [str(p) for p in ray_log_files(cluster) if any(s in p.read_bytes() for s in secrets)]
+    assert not leaking, leaking
+
+
+def test_lost_node_elastic_run_goes_on_from_newest_checkpoint(two_node_cluster, cifar_shards_s3):
+    cluster, shards = two_node_cluster, cifar_shards_s3
+    if len(cluster.alive_nodes()) < 2:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_jobs_api()
+    second = next(n for n in cluster.nodes if n["ip"] != "127.0.0.2" and
+                  n["ip"] in {a["node_ip"] for a in cluster.alive_nodes()})
+    run_url = f"s3://{shards['bucket']}/runs/lost-node"
+    exe = [sys.executable, "-m", "ssl_dist.cli"]
+    client = subprocess.Popen([*exe, *submit_args(cluster, shards, "lost-node", "run.min_workers=1",
+                                                   "train.max_steps=12", "train.checkpoint_every=4",
+                                                   "run.max_failures=3")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        fs, path = storage.filesystem(run_url)
+        while True:  # lose the node once a checkpoint is registered by Ray Train
+            assert client.poll() is None, client.stdout.read()[-5000:]
+            assert time.monotonic() < deadline, "no checkpoint after 600 s"
+            fs.invalidate_cache()
+            try:
+                snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
+                if snapshot.get("latest_checkpoint_result"):
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.5)
+        assert cluster.lose_node(second) > 0
+        output, _ = client.communicate(timeout=600)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0, output[-5000:]
+    assert second["ip"] not in {a["node_ip"] for a in cluster.alive_nodes()}
+
+    # First attempt on 2 workers, then the rest of the run on the remaining node from a checkpoint.
+    attempts = [[int(r["step"]) for r in rows] for rows in metrics.read_history(run_url)]
+    assert len(attempts) == 2, attempts
+    first, second_attempt = attempts
+    resumed_at = second_attempt[0] - 1
+    assert resumed_at % 4 == 0 and 4 <= resumed_at <= first[-1]
+    assert second_attempt == list(range(resumed_at + 1, 13))
+    assert f"resumed from step {resumed_at}" in output and "resharded from 2 to 1 workers" in output
+
+
+def test_submit_to_an_address_where_nothing_listens_is_a_clear_error(capsys):
+    address = f"http://127.0.0.1:{free_port()}"
+    done = ssl_dist_cli("submit", "--address", address, "--installed", "train.max_steps=1", timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"cannot reach the Ray Jobs API at {address}" in done.stderr and "Traceback" not in done.stderr
+    for command in (["status", "x"], ["logs", "x"], ["stop", "x"]):  # the same handling, in this process
+        assert cli.main([*command, "--address", address]) == 2
+        assert "cannot reach the Ray Jobs API" in capsys.readouterr().err
+
+
+def test_submit_refuses_bad_config_and_secret_env_before_contacting_a_cluster(capsys):
+    address = f"http://127.0.0.1:{free_port()}"
+    assert cli.main(["submit", "--address", address, "train.max_stepz=1"]) == 2
+    assert "unknown config key 'train.max_stepz'" in capsys.readouterr().err
+    assert cli.main(["submit", "--address", address, "--env", f"AWS_SECRET_ACCESS_KEY={TEST_SECRET_KEY}"]) == 2
+    out = capsys.readouterr()
+    assert "secrets are never sent" in out.err and TEST_SECRET_KEY not in out.err + out.out
+
+
+def test_status_logs_stop_of_unknown_job_are_clear_errors(two_node_cluster, capsys):
+    for command in (["status", "no-such-job"], ["logs", "no-such-job"], ["stop", "no-such-job"]):
+        assert cli.main([*command, "--address", two_node_cluster.jobs_url]) == 2
+        err = capsys.readouterr().err
+        assert "no such job" in err and "Traceback" not in err
+
+
+def test_submitted_arguments_round_trip_the_resolved_config():
+    import shlex
+
+    from ssl_dist import config, submit
+
+    cfg = config.load(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10-gpu.yaml",
+                      ["optim.weight_decay=1.0e-5", "run.name='true'", "data.train_url=s3://b/a b:c",
+                       "storage.endpoint_url=http://minio:9000/#x"])
+    command = shlex.split(submit.entrypoint(submit.DEFAULT_ENTRYPOINT, submit.config_arguments(cfg)))
+    assert command[:2] == ["python", "jobs/pretrain.py"]
+    assert config.load(None, command[2:]) == cfg  # what the job resolves is what was resolved here

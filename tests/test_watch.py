@@ -1,0 +1,157 @@
+"""Watching and evaluating a run, without a cluster: the progress line and bar, the metrics CSV
+and TensorBoard files, the curves' PNG, the linear probe, and the kNN that every rank of a
+real 2-rank ZeRO-3 DeepSpeed engine computes during training."""
+
+from __future__ import annotations
+
+import io
+import os
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import free_port
+
+from ssl_dist import config, evaluate, metrics, plots, shards, synthetic
+
+
+def write_run(run_url: str, steps: range, *, knn_every: int = 0, start: int = 0) -> metrics.MetricsLog:
+    log = metrics.MetricsLog(run_url, start_step=start, max_steps=steps[-1], global_batch=32)
+    for step in steps:
+        log.add(step=step, epoch=0, loss=5.0 - 0.1 * step, lr=1e-3, samples_seen=32 * step)
+        if knn_every and step % knn_every == 0:
+            log.add_eval(step, knn_top1=step / (10 * knn_every))
+        log.flush()
+    return log
+
+
+def test_progress_line_parses_back_through_rays_prefix():
+    log = metrics.MetricsLog("/tmp/unused", start_step=0, max_steps=100, global_batch=32)
+    row = {"step": 40, "epoch": 1, "loss": 4.1234, "lr": 1e-3, "samples_per_s": 312.4}
+    line = f"(RayTrainWorker pid=7, ip=127.0.0.3) [ssl-dist] {log.progress_line(row)}"
+    assert metrics.parse_progress_line(line) == {**row, "max_steps": 100}
+    assert metrics.parse_progress_line("kNN top-1 at step 6: 0.2") is None
+
+
+def test_metrics_csv_and_tensorboard_hold_every_step_and_eval(tmp_path):
+    run = str(tmp_path / "run")
+    write_run(run, range(1, 7), knn_every=3).close()
+    write_run(run, range(5, 9), start=4).close()  # a restart from step 4: a second attempt
+    first, second = metrics.read_history(run)
+    assert [int(r["step"]) for r in first] == [1, 2, 3, 4, 5, 6]
+    assert [r["knn_top1"] for r in first] == ["", "", "0.1", "", "", "0.2"]
+    assert [int(r["step"]) for r in second] == [5, 6, 7, 8]
+    assert [int(r["step"]) for r in metrics.read_latest_attempt(run)] == [5, 6, 7, 8]
+    files = metrics.read_tensorboard(run)
+    assert len(files) == 2 and not list(tmp_path.glob("ssl-dist-tb-*"))
+    by_start = sorted(files.values(), key=lambda f: f["train/loss"][0][0])
+    assert [s for s, _ in by_start[0]["train/loss"]] == [1, 2, 3, 4, 5, 6]
+    assert by_start[0]["eval/knn_top1"] == [(3, pytest.approx(0.1)), (6, pytest.approx(0.2))]
+    assert [s for s, _ in by_start[1]["train/samples_per_s"]] == [5, 6, 7, 8]
+
+
+def test_eval_at_a_step_that_was_not_logged_is_a_row_of_its_own(tmp_path):
+    log = metrics.MetricsLog(str(tmp_path), start_step=0, max_steps=10, global_batch=8, tensorboard=False)
+    log.add(step=2, epoch=0, loss=1.0, lr=0.1, samples_seen=16)
+    log.add_eval(3, knn_top1=0.5)
+    log.flush()
+    (rows,) = metrics.read_history(str(tmp_path))
+    assert [(r["step"], r["loss"], r["knn_top1"]) for r in rows] == [("2", "1.0", ""), ("3", "", "0.5")]
+
+
+def test_watch_run_moves_a_bar_from_the_csv(tmp_path):
+    run, out = str(tmp_path / "run"), io.StringIO()
+    with metrics.watch_run(run, None, max_steps=12, interval=0.05, enabled=True, file=out):
+        log = metrics.MetricsLog(run, start_step=0, max_steps=12, global_batch=32)
+        for step in range(1, 13):
+            log.add(step=step, epoch=0, loss=3.0, lr=1e-3, samples_seen=32 * step)
+            log.flush()
+            time.sleep(0.02)
+    text = out.getvalue()
+    assert "12/12" in text and "loss=3.0000" in text and "samples/s=" in text
+
+
+def test_curves_png_holds_the_steps_of_every_attempt(tmp_path):
+    run = str(tmp_path / "run")
+    assert plots.write_curves(run) is None  # nothing to draw yet
+    write_run(run, range(1, 7), knn_every=3).close()
+    write_run(run, range(5, 9), start=4).close()
+    url = plots.write_curves(run)
+    png = open(url, "rb").read()
+    assert png.startswith(b"\x89PNG")
+    assert plots.read_summary(png) == {"steps": [1, 2, 3, 4, 5, 6, 5, 6, 7, 8], "knn_steps": [3, 6], "attempts": 2}
+
+
+def test_linear_probe_and_knn_on_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 5
+
+    def sample(n):
+        y = torch.arange(n) % 4
+        return torch.nn.functional.normalize(centers[y] + torch.randn(n, 16, generator=g), dim=1), y
+
+    (tf, ty), (qf, qy) = sample(200), sample(80)
+    assert evaluate.linear_probe_top1(tf, ty, qf, qy) >= 0.95
+    assert evaluate.knn_top1(tf, ty, qf, qy, k=20) >= 0.95
+    with pytest.raises(evaluate.EvaluationError, match="at least 2 classes"):
+        evaluate.linear_probe_top1(tf, torch.zeros_like(ty), qf, qy)
+
+
+# ---- kNN during training: every rank of a ZeRO-3 engine embeds its share -------------------------
+
+WORLD = 2
+MODEL = ["model.arch=resnet18", "model.cifar_stem=false", "model.proj_hidden_dim=32", "model.proj_dim=8"]
+
+
+def knn_rank(rank: int, port: int, train_url: str, test_url: str, out: dict) -> None:
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.model import build_model
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    cfg = config.load(None, [*MODEL, "train.zero_stage=3", "data.batch_size=4", "eval.every=1",
+                             f"eval.train_url={train_url}", f"eval.test_url={test_url}", "eval.k=5",
+                             "eval.max_samples=25"])  # 25: ranks embed 13 and 12 samples, in batches of 4
+    torch.manual_seed(0)
+    engine = build_engine(build_model(cfg.model), cfg, WORLD)
+    score = evaluate.knn_during_training(engine.module, cfg.eval, image_size=32, rank=rank, world=WORLD,
+                                         storage_options={}, batch_size=4)
+    assert engine.module.training  # put back in training mode
+    if rank == 0:
+        out["score"] = score
+    else:
+        assert score is None
+    dist.destroy_process_group()
+
+
+def test_knn_during_training_on_zero3_ranks_equals_one_process(tmp_path):
+    from ssl_dist.model import build_model
+
+    for split, seed in (("train", 1), ("test", 2)):
+        synthetic.write_image_folder(tmp_path / f"{split}-src", per_class=5, seed=seed)
+        shards.make_shards(str(tmp_path / f"{split}-src"), str(tmp_path / split), samples_per_shard=8, workers=1)
+    train_url, test_url = str(tmp_path / "train"), str(tmp_path / "test")
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(knn_rank, args=(free_port(), train_url, test_url, out), nprocs=WORLD, join=True)
+        score = out["score"]
+
+    # The same initial weights in one process, on the same first 25 samples of each set.
+    torch.manual_seed(0)
+    model = build_model(config.load(None, MODEL).model).eval()
+
+    def features(url):
+        feats, labels = [], []
+        with torch.no_grad():
+            for images, y in evaluate.iter_labeled(url, image_size=32, limit=25):
+                feats.append(torch.nn.functional.normalize(model.features(images), dim=1))
+                labels.append(y)
+        return torch.cat(feats), torch.cat(labels)
+
+    expected = evaluate.knn_top1(*features(train_url), *features(test_url), k=5)
+    assert score == pytest.approx(expected)
