@@ -6,7 +6,6 @@ PNG), evaluated (jobs/evaluate.py), and a lost node survived by an elastic run."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -199,7 +198,7 @@ def test_submitted_arguments_round_trip_the_resolved_config():
 
     from ssl_dist import config, submit
 
-    cfg = config.load(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10-gpu.yaml",
+    cfg = config.load(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10-cluster.yaml",
                       ["optim.weight_decay=1.0e-5", "run.name='true'", "data.train_url=s3://b/a b:c",
                        "storage.endpoint_url=http://minio:9000/#x"])
     command = shlex.split(submit.entrypoint(submit.DEFAULT_ENTRYPOINT, submit.config_arguments(cfg)))

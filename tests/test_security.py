@@ -89,7 +89,7 @@ def test_what_a_job_sends_holds_no_credentials(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET_KEY)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "testing-ray-token-ssl-dist")
-    cfg = config.load(ROOT / "jobs" / "configs" / "cifar10-gpu.yaml", ["storage.endpoint_url=http://minio:9000"])
+    cfg = config.load(ROOT / "jobs" / "configs" / "cifar10-cluster.yaml", ["storage.endpoint_url=http://minio:9000"])
     sent = json.dumps({"entrypoint": submit.entrypoint(submit.DEFAULT_ENTRYPOINT, submit.config_arguments(cfg)),
                        "runtime_env": submit.runtime_env(env={"NCCL_DEBUG": "INFO"}),
                        "config": config.dump_yaml(cfg)})
