@@ -133,8 +133,6 @@ def run_all(args, work: Path) -> None:
         async_urls.append(pretrain(f"async-{i}", f"train.checkpoint_every={args.every}")[0])
     async_url = async_urls[-1]
     sync_url, _ = pretrain("sync", f"train.checkpoint_every={args.every}", "train.async_upload=false")
-    killed_url, killed_at = pretrain("killed", f"train.checkpoint_every={args.every}", "train.async_upload=true",
-                                     kill_after_checkpoint=True)
 
     bases, asyncs = [throughput(u) for u in none_urls], [throughput(u) for u in async_urls]
     base, t_async, t_sync = statistics.median(bases), statistics.median(asyncs), throughput(sync_url)
@@ -170,6 +168,9 @@ def run_all(args, work: Path) -> None:
     print(f"{f'in-run: throughput lost at every {args.every} steps':44s} "
           f"{100 * held / (args.every * step + held):9.2f}%")
 
+    sys.stdout.flush()  # the figures so far survive a failure of the runs below
+    killed_url, killed_at = pretrain("killed", f"train.checkpoint_every={args.every}", "train.async_upload=true",
+                                     kill_after_checkpoint=True)
     records = attempt_records(killed_url)
     rec = records[-1]
     print_recovery(f"recovery from a killed worker (SIGKILL at {time.strftime('%H:%M:%S', time.localtime(killed_at))},"

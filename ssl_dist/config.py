@@ -35,6 +35,10 @@ class DataConfig:
     """DataLoader worker processes per training worker (0 decodes in the training process)."""
     image_size: int = 32
     """Side of the square crops fed to the encoder."""
+    max_skip_fraction: float = 0.01
+    """Stop the run when one worker has skipped more than this fraction of its share of an epoch (bad samples, unreadable shards); 0 stops at the first."""
+    read_retries: int = 3
+    """Retries, with exponential backoff from 0.5 s, before an unreadable shard is skipped."""
     augment: Literal["per_sample", "per_batch"] = "per_sample"
     """Where the two views are made: per_sample in the loader workers (torchvision, PIL), or per_batch on the training device (kornia, one draw per image; loader workers only decode)."""
     seed: int = 0
@@ -198,6 +202,10 @@ class Config:
             raise ConfigError(f"train.max_minutes={self.train.max_minutes}: must be 0 (no limit) or positive")
         if self.train.checkpoint_minutes < 0:
             raise ConfigError(f"train.checkpoint_minutes={self.train.checkpoint_minutes}: must be 0 (off) or positive")
+        if not 0 <= self.data.max_skip_fraction <= 1:
+            raise ConfigError(f"data.max_skip_fraction={self.data.max_skip_fraction}: must be between 0 and 1")
+        if self.data.read_retries < 0:
+            raise ConfigError(f"data.read_retries={self.data.read_retries}: must be 0 or more")
         if self.data.loader_workers < 0:
             raise ConfigError(f"data.loader_workers={self.data.loader_workers}: must be 0 or more")
         if self.loss.chunk_size < 0:

@@ -30,6 +30,7 @@ from ssl_dist import storage
 from ssl_dist.timing import PHASES
 
 COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s", "samples_seen", "time",
+           "skipped_samples", "skipped_shards", "dropped_remainder",
            *[f"time_{phase}" for phase in PHASES], "knn_top1"]
 EVAL_COLUMNS = ("knn_top1",)
 TENSORBOARD_DIR = "tensorboard"

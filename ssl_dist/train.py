@@ -78,7 +78,9 @@ def train_loop(loop_config: dict) -> None:
                               num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
                               transform=TwoViews(cfg.data.image_size) if cfg.data.augment == "per_sample"
                               else Decode(cfg.data.image_size),
-                              storage_options=loop_config["data_options"], shuffle_window=cfg.data.shuffle_window)
+                              storage_options=loop_config["data_options"], shuffle_window=cfg.data.shuffle_window,
+                              max_skip_fraction=cfg.data.max_skip_fraction, read_retries=cfg.data.read_retries,
+                              image_format="tensor" if cfg.data.augment == "per_batch" else "pil")
 
     # ---- resume: weights, optimizer, LR schedule, RNG and data position; resharded (universal
     # checkpoint, stream re-plan) when the checkpoint was written by another number of workers
@@ -138,9 +140,14 @@ def train_loop(loop_config: dict) -> None:
                 mean_loss /= world
                 running_loss.zero_()
                 steps_in_window = 0
+                stream = loader.stats()
+                skipped = torch.tensor([stream["skipped_samples"], stream["skipped_shards"]])
+                dist.all_reduce(skipped, group=control)  # per-rank shares add up to the run's totals
                 if log is not None:
                     row = log.add(step=state.step, epoch=loader.epoch, loss=float(mean_loss),
-                                  lr=engine.get_lr()[0], samples_seen=state.samples_seen, **timer.take())
+                                  lr=engine.get_lr()[0], samples_seen=state.samples_seen,
+                                  skipped_samples=int(skipped[0]), skipped_shards=int(skipped[1]),
+                                  dropped_remainder=stream["dropped_remainder"], **timer.take())
                     say(log.progress_line(row))
                     log.flush()
                 timer.mark("log")
