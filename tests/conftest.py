@@ -98,7 +98,12 @@ def ray_address(tmp_path_factory, s3_endpoint):
                    check=True, env=env, stdout=subprocess.DEVNULL)
     address = f"127.0.0.1:{port}"
     yield address
-    subprocess.run([ray, "stop", "--force"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Only this cluster's processes: `ray stop` would stop every Ray cluster on the machine.
+    for proc in _node_processes(str(temp)):
+        try:
+            proc.kill()
+        except Exception:  # noqa: BLE001 (already gone)
+            pass
 
 
 def cifar_slice(dest: Path, per_class: int, split: str = "train") -> Path:
