@@ -58,21 +58,56 @@ def main() -> None:
     os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
                        "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1",
                        "RAY_AUTH_MODE": "disabled"})
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
-    port = free_port()
-    subprocess.run([ray, "start", "--head", f"--port={port}", f"--num-cpus={args.workers + 2}", "--num-gpus=0",
-                    "--include-dashboard=true", f"--dashboard-port={free_port()}", f"--temp-dir={work / 'ray'}",
-                    "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+    cluster = Cluster(work / "ray", cpus=args.workers + 2)
     try:
-        run_all(args, work)
+        run_all(args, work, cluster)
     finally:
-        subprocess.run([ray, "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cluster.stop()
         moto.terminate()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run_all(args, work: Path) -> None:
+class Cluster:
+    """A local Ray cluster of this benchmark's own. Started again if something outside stops
+    it (`ray stop --force` elsewhere on a shared host stops every cluster), and stopped by
+    killing its own processes only (those whose command line names its temp dir)."""
+
+    def __init__(self, temp: Path, cpus: int):
+        self.temp, self.cpus = temp, cpus
+        self.start()
+
+    def start(self) -> None:
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+        self.port = free_port()
+        subprocess.run([ray, "start", "--head", f"--port={self.port}", f"--num-cpus={self.cpus}", "--num-gpus=0",
+                        "--include-dashboard=true", f"--dashboard-port={free_port()}", f"--temp-dir={self.temp}",
+                        "--disable-usage-stats"], check=True, stdout=subprocess.DEVNULL)
+        os.environ["RAY_ADDRESS"] = f"127.0.0.1:{self.port}"
+
+    def processes(self) -> list:
+        import psutil
+
+        mine = []
+        for proc in psutil.process_iter(["cmdline"]):
+            if any(str(self.temp) in arg for arg in proc.info["cmdline"] or []):
+                mine.append(proc)
+        return mine
+
+    def alive(self) -> bool:
+        return any(p.info["cmdline"] and "gcs_server" in p.info["cmdline"][0] for p in self.processes())
+
+    def stop(self) -> None:
+        import psutil
+
+        procs = self.processes()
+        for proc in procs:
+            proc.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            proc.kill()
+
+
+def run_all(args, work: Path, cluster: Cluster) -> None:
     import boto3
 
     from ssl_dist import checkpoint, metrics, storage
@@ -86,7 +121,19 @@ def run_all(args, work: Path) -> None:
               f"run.num_workers={args.workers}", "run.cpus_per_worker=1", f"train.max_steps={args.steps}",
               "run.max_failures=2"]
 
-    def pretrain(name, *extra, kill_after_checkpoint=False):
+    def pretrain(name, *extra, kill_after_checkpoint=False, tries=3):
+        for attempt in range(tries):
+            try:
+                return pretrain_once(f"{name}" if attempt == 0 else f"{name}-retry{attempt}", *extra,
+                                     kill_after_checkpoint=kill_after_checkpoint)
+            except RuntimeError as err:
+                if cluster.alive() or attempt == tries - 1:
+                    raise SystemExit(str(err)) from None
+                print(f"  the Ray cluster was stopped from outside during {name}: starting it again", file=sys.stderr)
+                cluster.stop()
+                cluster.start()
+
+    def pretrain_once(name, *extra, kill_after_checkpoint=False):
         started = time.time()
         driver = subprocess.Popen([sys.executable, "-m", "ssl_dist.cli", "pretrain", f"run.name={name}", *common,
                                    *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -95,14 +142,14 @@ def run_all(args, work: Path) -> None:
             url = f"s3://bench/runs/{name}"
             while registered(url) is None:
                 if driver.poll() is not None:
-                    raise SystemExit(driver.stdout.read()[-3000:])
+                    raise RuntimeError(driver.stdout.read()[-3000:])
                 time.sleep(0.1)
             victim = max(train_workers(os.environ["RAY_ADDRESS"]), key=lambda p: p.create_time())
             killed_at = time.time()
             os.kill(victim.pid, signal.SIGKILL)
         output, _ = driver.communicate()
         if driver.returncode != 0:
-            raise SystemExit(f"run {name} failed:\n{output[-3000:]}")
+            raise RuntimeError(f"run {name} failed:\n{output[-3000:]}")
         print(f"  ran {name} in {time.time() - started:.0f} s", file=sys.stderr)
         return f"s3://bench/runs/{name}", killed_at
 
@@ -183,7 +230,7 @@ def run_all(args, work: Path) -> None:
         fs.copy(f"{killed_url[5:]}/{info.name}", f"bench/runs/reshard/{info.name}", recursive=True)
         asked = time.time()
         pretrain("reshard", f"train.checkpoint_every={args.every}", "run.num_workers=1",
-                 f"train.max_steps={info.step + 3}", "--resume")
+                 f"train.max_steps={info.step + 3}", "--resume", tries=1)
         print_recovery(f"resume of a {args.workers}-worker checkpoint on 1 worker (job start at "
                        f"{time.strftime('%H:%M:%S', time.localtime(asked))})", attempt_records("s3://bench/runs/reshard")[-1],
                        asked)
