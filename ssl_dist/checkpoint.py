@@ -296,12 +296,17 @@ def check_compatible(info: CheckpointInfo, cfg) -> None:
     """A checkpoint can resume this run only with the same model and ZeRO stage."""
     import dataclasses
 
-    saved = info.meta["config"]
-    if saved["model"] != dataclasses.asdict(cfg.model):
-        diff = {k: (saved["model"].get(k), v) for k, v in dataclasses.asdict(cfg.model).items()
-                if saved["model"].get(k) != v}
-        raise CheckpointError(f"{info.url} holds another model ({', '.join(f'model.{k}: {a!r} there, {b!r} here' for k, (a, b) in diff.items())}): "
-                              f"use the checkpoint's model settings, or a new run.name to start over")
+    from ssl_dist import config as config_lib
+
+    try:  # through the config's own defaults, so that a field added since then is no difference
+        then = dataclasses.asdict(config_lib.from_dict(info.meta["config"]).model)
+    except config_lib.ConfigError:
+        then = info.meta["config"]["model"]
+    diff = [f"model.{k}: {then[k]!r} there, {v!r} here" for k, v in dataclasses.asdict(cfg.model).items()
+            if k in then and then[k] != v]
+    if diff:
+        raise CheckpointError(f"{info.url} holds another model ({', '.join(diff)}): use the checkpoint's model "
+                              f"settings, or a new run.name to start over")
     if info.zero_stage != cfg.train.zero_stage:
         raise CheckpointError(f"{info.url} was written with ZeRO stage {info.zero_stage}, this run uses "
                               f"{cfg.train.zero_stage}: resume with train.zero_stage={info.zero_stage}")
