@@ -63,7 +63,7 @@ def one_placement(cfg, url: str, steps: int) -> dict:
     wait = waits[steps // 3:]
     median = statistics.median(steady)
     return {"step_s": median, "samples_per_s": cfg.data.batch_size / median,
-            "data_wait": sum(wait) / sum(steady), "loss": float(loss)}
+            "data_wait": sum(wait) / sum(steady), "loss": loss.item()}
 
 
 def main() -> None:

@@ -25,6 +25,10 @@ def deepspeed_config(cfg, world_size: int) -> dict:
     }
     if cfg.train.precision == "bf16":
         ds["bf16"] = {"enabled": True}
+        # DeepSpeed >= 0.19 casts only parameters and keeps buffers fp32, but BatchNorm wants
+        # its running statistics in the dtype of its weight: cast them too, as module.bfloat16()
+        # did in earlier releases.
+        ds["data_types"] = {"buffer_dtype": "bf16"}
     return ds
 
 

@@ -217,10 +217,16 @@ class BatchViews:
 
 
 def embed(engine, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z1, z2), each (b, D): both views through the model in one pass, so that BatchNorm
-    normalises them with the same statistics."""
-    views = torch.cat([batch["view1"], batch["view2"]])
-    return engine(views).chunk(2)
+    """(z1, z2), each (b, D) float32: both views through the model in one pass, so that
+    BatchNorm normalises them with the same statistics.
+
+    The views are cast to the engine's parameter dtype (bf16 under train.precision=bf16);
+    the embeddings come back as float32, because the loss's log-sum-exp over thousands of
+    similarities loses too much in bf16.
+    """
+    param = next(engine.module.parameters())
+    views = torch.cat([batch["view1"], batch["view2"]]).to(param.device, param.dtype)
+    return engine(views).float().chunk(2)
 
 
 def contrastive_step(engine, micro_batches: list[dict], cfg, timer: PhaseTimer | None = None) -> torch.Tensor:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The read-only data folder beside the checkout (../shared); SSL_DIST_SHARED points elsewhere.
+SHARED = Path(os.environ.get("SSL_DIST_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 CIFAR_TRAIN = SHARED / "data" / "cifar10" / "train.tar"
 CIFAR_TEST = SHARED / "data" / "cifar10" / "test.tar"
 
@@ -110,6 +111,9 @@ def cifar_slice(dest: Path, per_class: int, split: str = "train") -> Path:
     """Extract the first `per_class` images of each class of the shared CIFAR-10 tar into an
     ImageFolder at `dest` (real JPEGs); returns `dest`."""
     source = CIFAR_TRAIN if split == "train" else CIFAR_TEST
+    if not source.is_file():
+        pytest.fail(f"{source} is missing: the tests read real CIFAR-10 images from ../shared/data/cifar10 "
+                    "beside the checkout; set SSL_DIST_SHARED to the folder that holds data/cifar10")
     counts: dict[str, int] = {}
     with tarfile.open(source) as tar:
         for member in tar:

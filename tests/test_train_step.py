@@ -75,3 +75,41 @@ def test_gradient_caching_step_equals_whole_batch_step(zero_stage):
     for before, a, b in zip(initial, p_whole, p_cached):
         assert not torch.allclose(a, before.detach())  # the step moved the parameters...
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # ...and both ways the same
+
+
+def run_precision(rank: int, port: int, out: dict) -> None:
+    """One step of the real ResNet-18 (CIFAR stem) in fp32 and in bf16, world size 1."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.model import build_model
+    from ssl_dist.train import contrastive_step
+
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    g = torch.Generator().manual_seed(7)
+    batch = {"view1": torch.rand(8, 3, 32, 32, generator=g), "view2": torch.rand(8, 3, 32, 32, generator=g)}
+    for precision in ("fp32", "bf16"):
+        cfg = config.load(None, ["data.batch_size=8", "model.cifar_stem=true", f"train.precision={precision}",
+                                 "optim.name=sgd", "optim.warmup_steps=0", "train.max_steps=10"])
+        torch.manual_seed(0)
+        engine = build_engine(build_model(cfg.model), cfg, 1)
+        bn = engine.module.encoder.bn1
+        stats_before = bn.running_mean.detach().float().clone()
+        loss = contrastive_step(engine, [dict(batch)], cfg)
+        out[precision] = {"loss": float(loss), "stats_dtype": bn.running_mean.dtype,
+                          "stats_moved": not torch.allclose(bn.running_mean.float(), stats_before)}
+    dist.destroy_process_group()
+
+
+def test_bf16_step_with_batchnorm_matches_fp32():
+    # DeepSpeed >= 0.19 casts parameters but not buffers to bf16: without our buffer_dtype the
+    # BatchNorm layers of every ResNet failed at the first bf16 step.
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(run_precision, args=(free_port(), out), nprocs=1, join=True)
+        results = dict(out)
+    fp32, bf16 = results["fp32"], results["bf16"]
+    assert bf16["stats_dtype"] == torch.bfloat16 and bf16["stats_moved"] and fp32["stats_moved"]
+    assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
