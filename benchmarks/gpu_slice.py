@@ -24,32 +24,28 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_placement(cfg, url: str, steps: int) -> dict:
+    """Time `steps` training steps (the loop's own `contrastive_step`) fed by the stream."""
     from ssl_dist import data
-    from ssl_dist.augment import BatchTwoViews, Decode, TwoViews
+    from ssl_dist.augment import Decode, TwoViews
     from ssl_dist.engine import build_engine
-    from ssl_dist.loss import nt_xent
     from ssl_dist.model import build_model
+    from ssl_dist.train import BatchViews, contrastive_step
 
     torch.manual_seed(0)
     engine = build_engine(build_model(cfg.model), cfg, 1)
     per_batch = cfg.data.augment == "per_batch"
     loader = data.make_loader(url, rank=0, world_size=1, batch_size=cfg.data.batch_size,
-                              num_workers=cfg.data.loader_workers,
+                              num_workers=cfg.data.loader_workers, image_format="tensor" if per_batch else "pil",
                               transform=Decode(cfg.data.image_size) if per_batch else TwoViews(cfg.data.image_size))
-    views = BatchTwoViews(cfg.data.image_size).to(engine.device) if per_batch else None
+    views = BatchViews(cfg, engine.device, rank=0) if per_batch else None
     times, waits, step = [], [], 0
     tick = time.perf_counter()
     while step < steps:
         for batch in loader:
             got = time.perf_counter()
             if views is not None:
-                v1, v2 = views(batch["image"].to(engine.device, non_blocking=True))
-            else:
-                v1, v2 = batch["view1"].to(engine.device), batch["view2"].to(engine.device)
-            z1, z2 = engine(torch.cat([v1, v2]).to(next(engine.module.parameters()).dtype)).chunk(2)
-            loss = nt_xent(z1, z2, cfg.loss.temperature)
-            engine.backward(loss)
-            engine.step()
+                batch = views(batch, loader.epoch)
+            loss = contrastive_step(engine, [batch], cfg)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             now = time.perf_counter()
@@ -59,11 +55,35 @@ def one_placement(cfg, url: str, steps: int) -> dict:
             step += 1
             if step >= steps:
                 break
+    # Throughput over the whole steady window, stalls included (the median step hides them:
+    # a loader that cannot keep up gives fast steps on prefetched batches, then long waits).
     steady = times[steps // 3:]
     wait = waits[steps // 3:]
-    median = statistics.median(steady)
-    return {"step_s": median, "samples_per_s": cfg.data.batch_size / median,
-            "data_wait": sum(wait) / sum(steady), "loss": loss.item()}
+    return {"step_s": statistics.median(steady), "samples_per_s": cfg.data.batch_size * len(steady) / sum(steady),
+            "data_wait": sum(wait) / sum(steady), "loss": loss.item(),
+            "augment_ms": augment_ms(views.augment, cfg.data.batch_size, cfg.data.image_size, engine.device) if views else None}
+
+
+def augment_ms(views, batch_size: int, image_size: int, device) -> dict:
+    """Milliseconds per batch of the per-batch augmentation on the device: in all, and each op's."""
+    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    x = torch.cat([images, images]).float().div_(255)
+
+    def timed(fn, repeats=20) -> float:
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - start) / repeats
+
+    out = {"all": timed(lambda: views(images))}
+    for op in views.augment:
+        out[type(op).__name__] = timed(lambda op=op: op(x))
+    return out
 
 
 def main() -> None:
@@ -89,10 +109,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}, batch {cfg.data.batch_size}, {cfg.train.precision}, ZeRO-{cfg.train.zero_stage}, "
           f"{args.loader_workers} loader workers, median of steps {args.steps // 3}..{args.steps}\n")
-    print("| augmentation | step (ms) | samples/s per GPU | waiting for data |")
+    print("| augmentation | median step (ms) | samples/s per GPU (all steps) | waiting for data |")
     print("|---|---|---|---|")
     for placement, r in rows.items():
         print(f"| {placement} | {1000 * r['step_s']:.1f} | {r['samples_per_s']:.0f} | {100 * r['data_wait']:.1f}% |")
+    if rows["per_batch"]["augment_ms"]:
+        print("\nper-batch augmentation on the device, ms per batch (both views):")
+        print(" | ".join(f"{name} {ms:.1f}" for name, ms in rows["per_batch"]["augment_ms"].items()))
     print(f"\nratio per_batch / per_sample: {rows['per_batch']['samples_per_s'] / rows['per_sample']['samples_per_s']:.2f}")
 
 

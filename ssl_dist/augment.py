@@ -84,9 +84,54 @@ class Decode:
         return out
 
 
+def sample_crop_boxes(n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3),
+                      device=None, attempts: int = 10) -> torch.Tensor:
+    """(n, 4) crop boxes (x1, y1, x2, y2) in pixels, drawn as torchvision's RandomResizedCrop
+    draws them: area fraction uniform in `scale`, log aspect ratio uniform in `ratio`, the
+    first of `attempts` candidates that fits the image, else the whole image.
+
+    Vectorised over the batch (all candidates drawn at once, from torch's global RNG).
+    """
+    area = height * width * torch.empty(n, attempts, device=device).uniform_(*scale)
+    log_ratio = torch.empty(n, attempts, device=device).uniform_(float(torch.tensor(ratio[0]).log()),
+                                                                 float(torch.tensor(ratio[1]).log()))
+    aspect = log_ratio.exp()
+    w = (area * aspect).sqrt()
+    h = (area / aspect).sqrt()
+    fits = (w <= width) & (h <= height)
+    first = fits.float().argmax(dim=1, keepdim=True)  # index of the first candidate that fits
+    any_fits = fits.any(dim=1)
+    w = torch.where(any_fits, w.gather(1, first).squeeze(1), torch.tensor(float(width), device=device))
+    h = torch.where(any_fits, h.gather(1, first).squeeze(1), torch.tensor(float(height), device=device))
+    x1 = torch.rand(n, device=device) * (width - w)
+    y1 = torch.rand(n, device=device) * (height - h)
+    return torch.stack([x1, y1, x1 + w, y1 + h], dim=1)
+
+
+class BatchRandomResizedCrop(torch.nn.Module):
+    """(B, C, H, W) float -> (B, C, S, S): a random resized crop per image, all in one
+    `roi_align` call (bilinear, 2x2 samples per output pixel, which also smooths downscaling).
+
+    kornia's RandomResizedCrop warps image by image: 37 ms for 1024 CIFAR images on an H200,
+    a third of the whole training step; this is one kernel.
+    """
+
+    def __init__(self, size: int, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3)):
+        super().__init__()
+        self.size, self.scale, self.ratio = size, scale, ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        n, _, height, width = x.shape
+        boxes = sample_crop_boxes(n, height, width, self.scale, self.ratio, device=x.device)
+        rois = torch.cat([torch.arange(n, device=x.device, dtype=x.dtype)[:, None], boxes.to(x.dtype)], dim=1)
+        return roi_align(x, rois, output_size=self.size, spatial_scale=1.0, sampling_ratio=2, aligned=True)
+
+
 class BatchTwoViews(torch.nn.Module):
     """uint8 batch (B, 3, S, S) -> two normalised float views, each (B, 3, S, S), with an
-    independent random draw per image and view (kornia.augmentation).
+    independent random draw per image and view (our batched crop, then kornia.augmentation).
 
     Runs wherever the batch is: on the GPU for a GPU run. Deterministic given torch's RNG
     state, which the caller seeds.
@@ -97,7 +142,7 @@ class BatchTwoViews(torch.nn.Module):
         import kornia.augmentation as K
 
         self.augment = torch.nn.Sequential(
-            K.RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0)),
+            BatchRandomResizedCrop(image_size, scale=(0.2, 1.0)),
             K.RandomHorizontalFlip(),
             K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
             K.RandomGrayscale(p=0.2),
@@ -107,4 +152,6 @@ class BatchTwoViews(torch.nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.float().div_(255)
-        return self.augment(x), self.augment(x)
+        # One pass over both views: each op launches its kernels once for 2B images
+        # instead of twice for B (kornia draws the parameters per image either way).
+        return self.augment(torch.cat([x, x])).chunk(2)
