@@ -37,7 +37,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, cifar_slice, free_port, start_moto  # noqa: E402
+from conftest import (TEST_ACCESS_KEY, TEST_SECRET_KEY, cifar_slice, free_port, registered_checkpoint,  # noqa: E402
+                      start_moto, train_workers)
 
 
 def main() -> None:
@@ -140,7 +141,7 @@ def run_all(args, work: Path, cluster: Cluster) -> None:
         killed_at = None
         if kill_after_checkpoint:
             url = f"s3://bench/runs/{name}"
-            while registered(url) is None:
+            while registered_checkpoint(url) is None:
                 if driver.poll() is not None:
                     raise RuntimeError(driver.stdout.read()[-3000:])
                 time.sleep(0.1)
@@ -255,33 +256,6 @@ def print_recovery(title: str, rec: dict, t0: float) -> None:
     print(f"{'phase':44s} {'s':>10s}")
     for label, value in rows:
         print(f"{label:44s} {value:10.2f}")
-
-
-def registered(url: str) -> str | None:
-    from ssl_dist import storage
-
-    fs, path = storage.filesystem(url)
-    fs.invalidate_cache()
-    try:
-        snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
-    except FileNotFoundError:
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
-    return latest["checkpoint_dir_name"] if latest else None
-
-
-def train_workers(ray_address: str) -> list:
-    """Ray Train workers of this benchmark's cluster only (other clusters may share the host)."""
-    import psutil
-
-    port = ray_address.rsplit(":", 1)[1]
-    found = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        if proc.info["name"] == "raylet" and any(a.startswith("--gcs-address=") and a.endswith(f":{port}")
-                                                 for a in proc.info["cmdline"] or []):
-            found += [c for c in proc.children() if c.name() == "ray::RayTrainWorker"
-                      and " ".join(c.cmdline()).startswith("ray::RayTrainWorker")]
-    return found
 
 
 if __name__ == "__main__":

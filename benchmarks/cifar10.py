@@ -27,7 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+CIFAR = Path(os.environ.get("SSL_DIST_SHARED", ROOT.parent / "shared")) / "data" / "cifar10"
 CONFIG = ROOT / "jobs" / "configs" / "cifar10.yaml"
 
 
@@ -99,14 +99,16 @@ def busy_share(before, after) -> float:
 # ---- run 2: the plain loop ---------------------------------------------------------------------
 
 
-class FolderTwoViews(torch.utils.data.Dataset):
-    """Extracted JPEGs -> two augmented views (the same augmentation as ssl_dist's)."""
+class Folder(torch.utils.data.Dataset):
+    """Extracted JPEGs -> what ssl_dist's loader workers make of a sample with the same config:
+    two augmented views (per_sample), or the decoded uint8 image (per_batch)."""
 
-    def __init__(self, root: Path, image_size: int):
-        from ssl_dist.augment import TwoViews
+    def __init__(self, root: Path, image_size: int, per_batch: bool):
+        from ssl_dist.augment import Decode, TwoViews
 
         self.files = sorted(root.glob("*/*.jpg"))
-        self.views = TwoViews(image_size)
+        self.per_batch = per_batch
+        self.transform = Decode(image_size) if per_batch else TwoViews(image_size)
 
     def __len__(self):
         return len(self.files)
@@ -114,11 +116,14 @@ class FolderTwoViews(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        out = self.views({"__key__": str(i), "image": Image.open(self.files[i]).convert("RGB")})
-        return out["view1"], out["view2"]
+        out = self.transform({"__key__": str(i), "image": Image.open(self.files[i]).convert("RGB")})
+        return out["image"] if self.per_batch else (out["view1"], out["view2"])
 
 
 def run_plain(cfg, minutes: float, workdir: Path) -> tuple[dict, torch.nn.Module]:
+    """The loop a researcher writes first: one process, torch's DataLoader, no Ray, no DeepSpeed.
+    Same encoder, augmentation (and its placement), loss, optimizer, schedule and global batch."""
+    from ssl_dist.augment import BatchTwoViews
     from ssl_dist.engine import build_optimizer, lr_factor
     from ssl_dist.loss import nt_xent
     from ssl_dist.model import build_model
@@ -130,12 +135,17 @@ def run_plain(cfg, minutes: float, workdir: Path) -> tuple[dict, torch.nn.Module
     model = build_model(cfg.model)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     global_batch = cfg.data.batch_size * cfg.run.num_workers
-    data = torch.utils.data.DataLoader(FolderTwoViews(workdir / "train", cfg.data.image_size), batch_size=global_batch,
-                                       shuffle=True, drop_last=True, num_workers=2, persistent_workers=True)
+    per_batch = cfg.data.augment == "per_batch"
+    augment = BatchTwoViews(cfg.data.image_size) if per_batch else None
+    data = torch.utils.data.DataLoader(Folder(workdir / "train", cfg.data.image_size, per_batch),
+                                       batch_size=global_batch, shuffle=True, drop_last=True,
+                                       num_workers=cfg.run.num_workers * cfg.data.loader_workers,
+                                       persistent_workers=True)
     stamps, step = [], 0
     cpu_before, deadline = psutil.cpu_times(), time.monotonic() + 60 * minutes
     while time.monotonic() < deadline:
-        for v1, v2 in data:
+        for batch in data:
+            v1, v2 = augment(batch) if per_batch else batch
             for group in optimizer.param_groups:
                 group["lr"] = cfg.optim.lr * lr_factor(step, warmup_steps=cfg.optim.warmup_steps,
                                                        max_steps=cfg.train.max_steps, schedule=cfg.optim.schedule)
@@ -152,7 +162,7 @@ def run_plain(cfg, minutes: float, workdir: Path) -> tuple[dict, torch.nn.Module
     first = len(stamps) // 5  # skip the first fifth: start-up and warm-up
     # Wall-clock rate over the steady part, data waits included (as ssl_dist's is measured).
     rate = (len(stamps) - 1 - first) * global_batch / max(stamps[-1] - stamps[first], 1e-9)
-    return {"samples_per_s": rate, "steps": step, "cpu_busy": cpu_busy}, model
+    return {"samples_per_s": rate, "steps": step, "cpu_busy": cpu_busy, "loss": loss.item()}, model
 
 
 # ---- evaluation ------------------------------------------------------------------------------
@@ -224,8 +234,8 @@ def main() -> None:
 
 def report(args, ours: dict, plain: dict, results: dict) -> None:
     print(f"\nCIFAR-10, {args.minutes:g} min each, kNN over {args.eval_train} train / {args.eval_test} test images\n")
-    print(f"| run | steps | samples/s | CPU busy | kNN top-1 | linear probe |")
-    print(f"|---|---|---|---|---|---|")
+    print("| run | steps | samples/s | CPU busy | kNN top-1 | linear probe |")
+    print("|---|---|---|---|---|---|")
     for name, run in (("ssl_dist", ours), ("plain", plain), ("random init", None)):
         r = results[name]
         head = f"| {name} | {run['steps']} | {run['samples_per_s']:.1f} | {100 * run['cpu_busy']:.0f}% |" if run \

@@ -316,3 +316,43 @@ def two_node_cluster(tmp_path_factory, s3_endpoint):
         yield cluster
     finally:
         cluster.stop()
+
+
+def registered_checkpoint(run_url: str) -> str | None:
+    """The newest checkpoint Ray Train's controller has registered for the run at `run_url`
+    (what a restart gets back), or None. Ray Train V2 registers a checkpoint only after its
+    controller polls the workers, so "written" is not yet "registered"."""
+    import json
+
+    from ssl_dist import storage
+
+    fs, path = storage.filesystem(run_url)
+    fs.invalidate_cache()
+    try:
+        snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
+    except FileNotFoundError:
+        return None
+    latest = snapshot.get("latest_checkpoint_result")
+    return latest["checkpoint_dir_name"] if latest else None
+
+
+def train_workers(ray_address: str) -> list:
+    """Ray Train worker processes of the cluster at `ray_address` only (other clusters may
+    share the host): children of the raylet whose GCS listens on that port, without their
+    forked data-loader children (same command line, renamed pt_data_worker)."""
+    import psutil
+
+    port = ray_address.rsplit(":", 1)[1]
+    workers = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "raylet" and any(a.startswith("--gcs-address=") and a.endswith(f":{port}")
+                                                 for a in cmdline):
+            for child in proc.children():
+                try:
+                    if child.name() == "ray::RayTrainWorker" and \
+                            " ".join(child.cmdline()).startswith("ray::RayTrainWorker"):
+                        workers.append(child)
+                except psutil.NoSuchProcess:
+                    pass
+    return workers

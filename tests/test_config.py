@@ -50,8 +50,19 @@ def test_wrong_values_are_one_clear_error(override, expected):
         config.load(None, [override])
 
 
+def test_floats_in_exponent_form_are_floats(tmp_path):
+    # YAML 1.1 reads 1e-6 (no dot) as a string; a float key takes it as the number it names.
+    (tmp_path / "c.yaml").write_text("optim:\n  weight_decay: 1e-6\n")
+    assert config.load(tmp_path / "c.yaml", ["optim.lr=3e-4"]).optim.lr == 3e-4
+    assert config.load(tmp_path / "c.yaml", []).optim.weight_decay == 1e-6
+    with pytest.raises(ConfigError, match="expected float"):
+        config.load(None, ["optim.lr=fast"])
+
+
 def test_round_trip_through_dict_and_yaml():
-    cfg = config.load(None, ["train.max_steps=5", "data.train_url=/x"])
+    cfg = config.load(None, ["train.max_steps=5", "data.train_url=/x", "optim.weight_decay=1.0e-6"])
+    args = ["train.max_steps=5", "data.train_url=/x", f"optim.weight_decay={cfg.optim.weight_decay}"]
+    assert config.load(None, args) == cfg  # str(1e-06) back through the command line
     assert config.from_dict(config.to_dict(cfg)) == cfg
     import yaml
 

@@ -19,10 +19,9 @@ import textwrap
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
-from conftest import ssl_dist_cli
+from conftest import registered_checkpoint, ssl_dist_cli, train_workers
 
 from ssl_dist import checkpoint, metrics, storage
 
@@ -69,22 +68,10 @@ def finish(driver, timeout=600) -> str:
     return output
 
 
-def registered(url) -> str | None:
-    """The newest checkpoint Ray Train's controller registered (what a restart gets back)."""
-    fs, path = storage.filesystem(url)
-    fs.invalidate_cache()
-    try:
-        snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
-    except FileNotFoundError:
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
-    return latest["checkpoint_dir_name"] if latest else None
-
-
 def wait_for_registered(url, driver, *, after_step=0, timeout=300) -> str:
     deadline = time.monotonic() + timeout
     while True:
-        name = registered(url)
+        name = registered_checkpoint(url)
         if name is not None and checkpoint.name_key(name)[0] > after_step:
             return name
         assert driver.poll() is None, driver.stdout.read()[-4000:]
@@ -92,28 +79,9 @@ def wait_for_registered(url, driver, *, after_step=0, timeout=300) -> str:
         time.sleep(0.2)
 
 
-def cluster_workers(ray_address) -> list[psutil.Process]:
-    """Ray Train worker processes of *this* Ray cluster (other clusters may run on the host):
-    children of the raylet whose GCS listens on our port, not their data-loader children."""
-    port = ray_address.rsplit(":", 1)[1]
-    workers = []
-    for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if proc.info["name"] == "raylet" and any(a.startswith("--gcs-address=") and a.endswith(f":{port}")
-                                                 for a in cmdline):
-            for child in proc.children():
-                try:
-                    if child.name() == "ray::RayTrainWorker" and \
-                            " ".join(child.cmdline()).startswith("ray::RayTrainWorker"):
-                        workers.append(child)
-                except psutil.NoSuchProcess:
-                    pass
-    return workers
-
-
 def wait_until_no_workers(ray_address, timeout=120):
     deadline = time.monotonic() + timeout
-    while cluster_workers(ray_address):
+    while train_workers(ray_address):
         assert time.monotonic() < deadline, "training workers outlived their driver"
         time.sleep(0.5)
 
@@ -193,7 +161,7 @@ def test_killed_worker_resumes_as_if_nothing_happened(stage, cifar_shards_s3, ra
     url = run_url(cifar_shards_s3, name)
     driver = start(args_for(cifar_shards_s3, name, stage=stage), ray_address)
     wait_for_registered(url, driver)
-    victims = cluster_workers(ray_address)
+    victims = train_workers(ray_address)
     assert len(victims) == 2
     os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
     output = finish(driver)

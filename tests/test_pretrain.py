@@ -10,10 +10,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 from PIL import Image
-from conftest import ssl_dist_cli
+from conftest import registered_checkpoint, ssl_dist_cli, train_workers
 
 from ssl_dist import metrics, storage
 
@@ -43,18 +42,6 @@ def checkpoints(run_url: str) -> list[str]:
             if {"meta.json", "stream-rank00000.json", "stream-rank00001.json"} <= names:
                 done.append(entry)
     return done
-
-
-def registered_checkpoint(run_url: str) -> str | None:
-    """The newest checkpoint Ray Train's controller has registered (what a restart gets back)."""
-    fs, path = storage.filesystem(run_url)
-    fs.invalidate_cache()
-    try:
-        snapshot = json.loads(fs.cat_file(f"{path}/checkpoint_manager_snapshot.json"))
-    except FileNotFoundError:
-        return None
-    latest = snapshot.get("latest_checkpoint_result")
-    return latest["checkpoint_dir_name"] if latest else None
 
 
 def steps_of(history: list[list[dict]]) -> list[list[int]]:
@@ -87,14 +74,6 @@ def test_pretrain_two_workers_from_s3_loss_falls_then_evaluate(cifar_shards_s3, 
     assert 0.0 <= scores["knn_top1"] <= 1.0 and 0.0 <= scores["knn_top1_random_init"] <= 1.0
 
 
-def train_workers() -> list[psutil.Process]:
-    """Ray Train's worker processes (not their forked data-loader children, which keep the
-    command line but are renamed pt_data_worker)."""
-    return [proc for proc in psutil.process_iter(["name", "cmdline"])
-            if proc.info["name"] == "ray::RayTrainWorker"
-            and " ".join(proc.info["cmdline"] or []).startswith("ray::RayTrainWorker")]
-
-
 def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards_s3, ray_address):
     run_url = f"s3://{cifar_shards_s3['bucket']}/runs/killed"
     exe = [sys.executable, "-m", "ssl_dist.cli"]
@@ -109,7 +88,7 @@ def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards
             assert driver.poll() is None, driver.stdout.read()[-3000:]
             assert time.monotonic() < deadline, "no checkpoint after 300 s"
             time.sleep(0.2)
-        victims = train_workers()
+        victims = train_workers(ray_address)
         assert len(victims) == 2
         os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
         output, _ = driver.communicate(timeout=600)

@@ -160,7 +160,7 @@ def test_make_no_pax_and_deterministic(local, source, tmp_path):
     sorted_run = shards.make_shards(str(source), str(tmp_path / "sorted"), shuffle_seed=None, workers=2)
     keys = [key for key, _ in ranged_samples(str(tmp_path / "sorted"), sorted_run)]
     assert keys == sorted(keys)
-    other = shards.make_shards(str(source), str(tmp_path / "other"), shuffle_seed=1, samples_per_shard=64)
+    shards.make_shards(str(source), str(tmp_path / "other"), shuffle_seed=1, samples_per_shard=64)
     assert (tmp_path / "other" / "shard-000000.tar").read_bytes() != (dest / "shard-000000.tar").read_bytes()
 
 
