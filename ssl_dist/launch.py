@@ -148,12 +148,25 @@ def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print) -
             f"(--no-resume starts it over)")
 
 
+def with_absolute_paths(cfg):
+    """`cfg` with its local data and storage paths made absolute (from the driver's working
+    directory): Ray's workers run elsewhere, where a relative path names nothing."""
+    from ssl_dist import config
+
+    return config.merge(cfg, {"data": {"train_url": storage.absolute(cfg.data.train_url)},
+                              "run": {"storage_path": storage.absolute(cfg.run.storage_path)},
+                              "eval": {"train_url": storage.absolute(cfg.eval.train_url),
+                                       "test_url": storage.absolute(cfg.eval.test_url)}},
+                        origin="absolute paths")
+
+
 def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, say=print) -> RunResult:
     """Run a pretraining job to its end (or its last allowed failure). Driver only.
 
     `resume`: None resumes from the run folder's checkpoints if there are any, True
     requires one, False starts over (see `prepare_resume`).
     """
+    cfg = with_absolute_paths(cfg)
     data_options, storage_options = preflight(cfg)
     prepare_resume(cfg, resume, storage_options, say=say)
     write_resolved_config(cfg, storage_options)

@@ -55,6 +55,16 @@ def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFi
     return fs, path.rstrip("/") or path
 
 
+def absolute(url: str) -> str:
+    """`url` with a local path made absolute (URLs with a scheme are returned as they are).
+
+    The driver resolves local paths: Ray's workers run in another working directory.
+    """
+    if not url or "://" in url:
+        return url
+    return os.path.abspath(os.path.expanduser(url))
+
+
 def join(url: str, *parts: str) -> str:
     """Join URL parts with '/', for local paths and object-store URLs alike."""
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])

@@ -129,11 +129,12 @@ def cifar_slice(dest: Path, per_class: int, split: str = "train") -> Path:
     return dest
 
 
-def ssl_dist_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def ssl_dist_cli(*args: str, env: dict | None = None, timeout: float = 600,
+                 cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the `ssl-dist` command as a user would; returns the completed process (text output)."""
     exe = shutil.which("ssl-dist", path=str(Path(sys.executable).parent))
     return subprocess.run([exe, *args], env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=cwd)
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -72,6 +73,24 @@ def test_pretrain_two_workers_from_s3_loss_falls_then_evaluate(cifar_shards_s3, 
     assert ev.returncode == 0, ev.stderr[-3000:]
     scores = json.loads(ev.stdout.strip().splitlines()[-1])
     assert 0.0 <= scores["knn_top1"] <= 1.0 and 0.0 <= scores["knn_top1_random_init"] <= 1.0
+
+
+def test_quickstart_runs_from_its_default_relative_folder(tmp_path, ray_address):
+    # The README's first command, shortened: `ssl-dist quickstart` with its default --out,
+    # a path relative to where the user stands. Ray's workers run in another working
+    # directory, so the driver must hand them absolute paths (they once got relative ones).
+    done = ssl_dist_cli("quickstart", "train.max_steps=6", "train.log_every=3", "train.checkpoint_every=3",
+                        cwd=tmp_path, env={"RAY_ADDRESS": ray_address}, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert "kNN top-1, pretrained encoder:" in done.stdout and "kNN top-1, random initialisation:" in done.stdout
+    run_folder = tmp_path / "runs" / "quickstart" / "quickstart"
+    assert (run_folder / "config.yaml").is_file()
+    assert str(tmp_path) in (run_folder / "config.yaml").read_text()  # the resolved config names absolute paths
+    assert checkpoints_in(run_folder)
+
+
+def checkpoints_in(folder: Path) -> list[Path]:
+    return sorted(folder.glob("checkpoint-*"))
 
 
 def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards_s3, ray_address):
