@@ -11,6 +11,8 @@ grey scale), one random draw per image, in one of two placements.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torchvision.transforms import v2
 
@@ -93,9 +95,7 @@ def sample_crop_boxes(n: int, height: int, width: int, scale=(0.2, 1.0), ratio=(
     Vectorised over the batch (all candidates drawn at once, from torch's global RNG).
     """
     area = height * width * torch.empty(n, attempts, device=device).uniform_(*scale)
-    log_ratio = torch.empty(n, attempts, device=device).uniform_(float(torch.tensor(ratio[0]).log()),
-                                                                 float(torch.tensor(ratio[1]).log()))
-    aspect = log_ratio.exp()
+    aspect = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1])).exp()
     w = (area * aspect).sqrt()
     h = (area / aspect).sqrt()
     fits = (w <= width) & (h <= height)

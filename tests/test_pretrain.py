@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -86,11 +85,7 @@ def test_quickstart_runs_from_its_default_relative_folder(tmp_path, ray_address)
     run_folder = tmp_path / "runs" / "quickstart" / "quickstart"
     assert (run_folder / "config.yaml").is_file()
     assert str(tmp_path) in (run_folder / "config.yaml").read_text()  # the resolved config names absolute paths
-    assert checkpoints_in(run_folder)
-
-
-def checkpoints_in(folder: Path) -> list[Path]:
-    return sorted(folder.glob("checkpoint-*"))
+    assert sorted(run_folder.glob("checkpoint-*"))
 
 
 def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards_s3, ray_address):
