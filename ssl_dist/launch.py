@@ -151,9 +151,7 @@ def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print) -
 def with_absolute_paths(cfg):
     """`cfg` with its local data and storage paths made absolute (from the driver's working
     directory): Ray's workers run elsewhere, where a relative path names nothing."""
-    from ssl_dist import config
-
-    return config.merge(cfg, {"data": {"train_url": storage.absolute(cfg.data.train_url)},
+    return config_lib.merge(cfg, {"data": {"train_url": storage.absolute(cfg.data.train_url)},
                               "run": {"storage_path": storage.absolute(cfg.run.storage_path)},
                               "eval": {"train_url": storage.absolute(cfg.eval.train_url),
                                        "test_url": storage.absolute(cfg.eval.test_url)}},
