@@ -53,6 +53,10 @@ class ModelConfig:
     """torchvision ResNet used as the encoder."""
     cifar_stem: bool = True
     """Replace the ImageNet stem (7x7 conv, max-pool) by a 3x3 conv for small (32 px) images."""
+    stem_stride: int = 1
+    """Stride of the CIFAR stem's 3x3 conv: 2 halves the feature maps (32 px -> 16) and quarters the compute."""
+    width: int = 64
+    """Channels of the first ResNet stage (each later stage doubles them); 64 is torchvision's. Half the width is a quarter of the compute and parameters."""
     proj_hidden_dim: int = 512
     """Hidden width of the projection head's MLP."""
     proj_dim: int = 128
@@ -208,6 +212,11 @@ class Config:
             raise ConfigError(f"data.read_retries={self.data.read_retries}: must be 0 or more")
         if self.data.loader_workers < 0:
             raise ConfigError(f"data.loader_workers={self.data.loader_workers}: must be 0 or more")
+        if self.model.stem_stride not in (1, 2) or (self.model.stem_stride == 2 and not self.model.cifar_stem):
+            raise ConfigError(f"model.stem_stride={self.model.stem_stride}: allowed values are 1 and 2, and 2 only "
+                              f"with model.cifar_stem=true (the ImageNet stem has its own strides)")
+        if self.model.width < 1:
+            raise ConfigError(f"model.width={self.model.width}: must be at least 1 (torchvision's ResNet has 64)")
         if self.loss.chunk_size < 0:
             raise ConfigError(f"loss.chunk_size={self.loss.chunk_size}: must be 0 (whole) or positive")
         if self.loss.temperature <= 0:

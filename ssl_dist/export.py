@@ -4,8 +4,9 @@ The weights are those of a plain torchvision model, `torchvision.models.get_mode
 num_classes=feature_dim)`, whose `fc` is the identity matrix, so that the model's output is
 the encoder's feature vector and `load_state_dict` is strict; replace `model.fc` for a
 classifier. A CIFAR-stem encoder (`cifar_stem`: 3x3 first convolution, no max-pool) needs
-those two modules swapped before loading, which the JSON says. Loading needs neither
-DeepSpeed, Ray nor ssl_dist (see the README):
+those two modules swapped before loading, which the JSON says; one of another `width` than
+torchvision's 64 is built by `ssl_dist.model.build_encoder` (torchvision's modules, other
+channel counts). Loading needs neither DeepSpeed nor Ray (see the README):
 
     spec = json.load(open("OUT/encoder.json"))
     model = torchvision.models.get_model(spec["arch"], num_classes=spec["feature_dim"]).eval()
@@ -78,9 +79,10 @@ def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | No
         "arch": cfg.model.arch,
         "feature_dim": model.feature_dim,
         "cifar_stem": cfg.model.cifar_stem,
+        "stem_stride": cfg.model.stem_stride,
+        "width": cfg.model.width,
         "fc": "identity: the model's output is the encoder's feature vector; replace model.fc for a classifier",
-        "stem_note": ("cifar_stem: before loading, set model.conv1 = Conv2d(3, 64, 3, 1, 1, bias=False) and "
-                      "model.maxpool = Identity()") if cfg.model.cifar_stem else None,
+        "stem_note": _stem_note(cfg.model),
         "image_size": cfg.data.image_size,
         "normalize": {"mean": list(MEAN), "std": list(STD)},
         "checkpoint": info.url,
@@ -100,15 +102,27 @@ def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | No
 
 
 def load_encoder(folder: str) -> torch.nn.Module:
-    """The exported encoder of a local `folder` as a plain torchvision model in eval mode
-    (what the README's snippet does, as a function)."""
-    import torchvision
+    """The exported encoder of a local `folder` as a torchvision ResNet in eval mode (what the
+    README's snippet does, as a function, for any width and stem)."""
     from safetensors.torch import load_file
 
+    from ssl_dist.model import build_encoder
+
     spec = json.loads((Path(folder) / SPEC).read_text())
-    model = torchvision.models.get_model(spec["arch"], num_classes=spec["feature_dim"])
-    if spec["cifar_stem"]:
-        model.conv1 = torch.nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        model.maxpool = torch.nn.Identity()
+    model, feature_dim = build_encoder(spec["arch"], cifar_stem=spec["cifar_stem"],
+                                       stem_stride=spec.get("stem_stride", 1), width=spec.get("width", 64))
+    model.fc = torch.nn.Linear(feature_dim, feature_dim)  # the identity matrix, as exported
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
     return model.eval()
+
+
+def _stem_note(model_cfg) -> str | None:
+    """What a plain torchvision model needs changed before it can load the weights."""
+    if model_cfg.width != 64:
+        return (f"width {model_cfg.width}: not torchvision's 64; build the encoder with ssl_dist.model.build_encoder("
+                f"{model_cfg.arch!r}, cifar_stem={model_cfg.cifar_stem}, stem_stride={model_cfg.stem_stride}, "
+                f"width={model_cfg.width}) and set its fc = Linear(feature_dim, feature_dim)")
+    if model_cfg.cifar_stem:
+        return (f"cifar_stem: before loading, set model.conv1 = Conv2d(3, 64, 3, {model_cfg.stem_stride}, 1, "
+                f"bias=False) and model.maxpool = Identity()")
+    return None
