@@ -45,7 +45,7 @@ def _rebuild_stages(net: torchvision.models.ResNet, width: int) -> None:
         blocks = [block(channels, planes, stride, downsample)] + [block(out, planes) for _ in range(len(old) - 1)]
         setattr(net, f"layer{index}", nn.Sequential(*blocks))
         channels = out
-    net.fc = nn.Linear(channels, net.fc.out_features)
+    net.fc = nn.Linear(channels, net.fc.out_features)  # only its in_features is read: the feature width
     for module in net.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
