@@ -9,6 +9,7 @@ one spawn per world size runs every loss variant, to keep the suite fast on two 
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import math
 import os
 import socket
@@ -261,6 +262,7 @@ def free_port() -> int:
 
 
 def init_gloo(rank, world, port):
+    faulthandler.enable()  # a C++ abort in a spawned rank then shows its Python stack in the log
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
@@ -370,6 +372,9 @@ def distributed_worker(rank, world, port):
                 check_direct(c, name, chunk, rank, world)
                 check_gradcache(c, name, chunk, rank, world)
                 failures += c.failures
+        # Every rank is done with every collective before any rank tears its group down: one
+        # CI run saw a rank abort ("terminate called without an active exception") at the end.
+        dist.barrier()
         assert not failures, "\n".join(failures)
     finally:
         dist.destroy_process_group()
@@ -409,6 +414,7 @@ def engine_loss(name, model, a, b):
 def deepspeed_worker(rank, world, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    faulthandler.enable()
     torch.set_num_threads(1)
     import deepspeed
 
@@ -460,6 +466,7 @@ def deepspeed_worker(rank, world, port):
             for i, (u, g) in enumerate(zip(updates, ref_grads)):
                 c(f"update of param {i}", u, torch.zeros_like(u) if g is None else g)
             failures += c.failures
+        dist.barrier()  # as in distributed_worker: nobody tears down while a peer communicates
         assert not failures, "\n".join(failures)
     finally:
         dist.destroy_process_group()

@@ -60,6 +60,7 @@ def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
         results[name] = (float(loss), params)
     if rank == 0:
         out.update(results)
+    dist.barrier()  # nobody tears its group down while a peer still communicates
     dist.destroy_process_group()
 
 
