@@ -91,10 +91,9 @@ def cmd_shards_check(args) -> int:
 
 
 def cmd_pretrain(args) -> None:
-    from ssl_dist import config, evaluate, launch, metrics, plots, storage
+    from ssl_dist import config, launch, metrics, plots, storage
 
     cfg = config.load(args.config, args.overrides)
-    evaluate.check_eval_sets(cfg)
     # Watching: a bar from the metrics CSV rank 0 rewrites (on a terminal), the curves' PNG at the end
     run_url, options = launch.run_url(cfg), storage.options_from_config(cfg.run.storage_path, cfg.storage)
     try:

@@ -180,21 +180,6 @@ def eval_storage_options(cfg, loop_config: dict) -> dict:
     return storage.options_from_config(url, cfg.storage)
 
 
-def check_eval_sets(cfg) -> None:
-    """Driver-side check, before a run starts, that the eval sets of `eval.every` are readable."""
-    from ssl_dist import shards
-
-    if not cfg.eval.every:
-        return
-    for url in (cfg.eval.train_url, cfg.eval.test_url):
-        options = storage.options_from_config(url, cfg.storage)
-        storage.check_bucket(url, options)
-        try:
-            shards.read_manifest(url, options)
-        except shards.ShardError as err:
-            raise EvaluationError(f"eval set {url}: {err}") from None
-
-
 @torch.no_grad()
 def _embed_share(module: ContrastiveModel, url: str, *, image_size: int, limit: int, rank: int, world: int,
                  batch_size: int, storage_options: dict | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -70,7 +70,21 @@ def preflight(cfg) -> tuple[dict, dict]:
         raise LaunchError(f"{cfg.data.train_url} holds {total} samples, fewer than one global batch "
                           f"({cfg.data.batch_size} x {cfg.run.num_workers} workers): lower data.batch_size")
     storage.check_writable_root(cfg.run.storage_path, storage_options)
+    check_eval_sets(cfg)
     return data_options, storage_options
+
+
+def check_eval_sets(cfg) -> None:
+    """The labeled sets that `eval.every` scores during training exist and have a manifest."""
+    if not cfg.eval.every:
+        return
+    for url in (cfg.eval.train_url, cfg.eval.test_url):
+        options = storage.options_from_config(url, cfg.storage)
+        storage.check_bucket(url, options)
+        try:
+            shards.read_manifest(url, options)
+        except shards.ShardError as err:
+            raise LaunchError(f"eval set {url}: {err}") from None
 
 
 def write_resolved_config(cfg, storage_options: dict) -> str:
@@ -89,8 +103,6 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ssl_dist.train import train_loop
-
     filesystem, path = storage.pyarrow_filesystem(cfg.run.storage_path, storage_options)
     return TorchTrainer(
         train_loop,
@@ -105,6 +117,17 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
     )
+
+
+def train_loop(loop_config: dict) -> None:
+    """What each Ray Train worker runs: `ssl_dist.train.train_loop`, imported there.
+
+    The driver hands Ray this function, not the worker loop itself, so that it never imports
+    the loop's modules (torchvision, and through it torch._dynamo: seconds of CPU per run).
+    """
+    from ssl_dist.train import train_loop as worker_loop
+
+    worker_loop(loop_config)
 
 
 def worker_range(cfg) -> int | tuple[int, int]:

@@ -4,15 +4,10 @@ real CIFAR-10 shards read from the moto S3 server, checkpoints written there."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 from PIL import Image
-from conftest import registered_checkpoint, ssl_dist_cli, train_workers
+from conftest import ssl_dist_cli
 
 from ssl_dist import metrics, storage
 
@@ -88,39 +83,6 @@ def test_quickstart_runs_from_its_default_relative_folder(tmp_path, ray_address)
     assert sorted(run_folder.glob("checkpoint-*"))
 
 
-def test_killed_worker_is_restarted_and_resumes_from_its_checkpoint(cifar_shards_s3, ray_address):
-    run_url = f"s3://{cifar_shards_s3['bucket']}/runs/killed"
-    exe = [sys.executable, "-m", "ssl_dist.cli"]
-    driver = subprocess.Popen([*exe, *run_args(cifar_shards_s3, "killed", "train.max_steps=40",
-                                               "train.checkpoint_every=10", "run.max_failures=2")],
-                              env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 300
-        # Kill once a checkpoint counts: persisted by every rank and registered by Ray Train.
-        while registered_checkpoint(run_url) is None:
-            assert driver.poll() is None, driver.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint after 300 s"
-            time.sleep(0.2)
-        victims = train_workers(ray_address)
-        assert len(victims) == 2
-        os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
-        output, _ = driver.communicate(timeout=600)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, output[-3000:]
-
-    attempts = steps_of(metrics.read_history(run_url))
-    assert len(attempts) == 2, attempts
-    first, second = attempts
-    assert first == list(range(1, len(first) + 1))
-    resumed_at = second[0] - 1
-    assert resumed_at % 10 == 0 and 10 <= resumed_at <= first[-1]  # from a checkpoint the first attempt wrote
-    assert second == list(range(resumed_at + 1, 41))
-    assert f"resumed from step {resumed_at}" in output
-
-
 # ---- bad input: one clear message, a non-zero exit ------------------------------------------
 
 
@@ -177,6 +139,17 @@ def test_empty_source_folder_is_a_clear_error_and_writes_nothing(tmp_path):
 def test_missing_manifest_is_a_clear_error(tmp_path):
     done = ssl_dist_cli("pretrain", f"data.train_url={tmp_path}", f"run.storage_path={tmp_path}/runs")
     assert done.returncode == 2 and "no index.json" in done.stderr, done.stderr
+
+
+
+def test_missing_eval_set_is_a_clear_error_before_any_worker_starts(cifar_shards_s3, tmp_path):
+    done = ssl_dist_cli("pretrain", f"data.train_url={cifar_shards_s3['train']}", f"run.storage_path={tmp_path}/runs",
+                        "eval.every=5", f"eval.train_url={cifar_shards_s3['train']}",
+                        f"eval.test_url={tmp_path}/no-test-set", env={"RAY_ADDRESS": "127.0.0.1:1"})
+    # RAY_ADDRESS names nothing: the check must come before the driver tries to connect
+    assert done.returncode == 2, done.stderr
+    assert f"eval set {tmp_path}/no-test-set" in done.stderr and "no index.json" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
