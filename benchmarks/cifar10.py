@@ -153,6 +153,8 @@ def run_plain(cfg, minutes: float, workdir: Path) -> tuple[dict, torch.nn.Module
             loss = nt_xent(z1, z2, cfg.loss.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if cfg.optim.grad_clip:  # what DeepSpeed's gradient_clipping does to the engine's step
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             optimizer.step()
             step += 1
             stamps.append(time.monotonic())

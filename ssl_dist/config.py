@@ -87,6 +87,8 @@ class OptimConfig:
     """Linear warm-up steps, then the schedule."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """After warm-up: cosine decay to zero at train.max_steps, or constant (for runs bounded by train.max_minutes)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm (over every rank's shard) to this; 0: no clipping, as in torch's optimizers and the published SimCLR/CLIP recipes."""
 
 
 @dataclass
@@ -219,6 +221,8 @@ class Config:
             raise ConfigError(f"model.width={self.model.width}: must be at least 1 (torchvision's ResNet has 64)")
         if self.loss.chunk_size < 0:
             raise ConfigError(f"loss.chunk_size={self.loss.chunk_size}: must be 0 (whole) or positive")
+        if self.optim.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip={self.optim.grad_clip}: must be 0 (no clipping) or positive")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
 

@@ -20,6 +20,9 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "zero_optimization": {"stage": cfg.train.zero_stage},
         # Our optimizers are torch's own: DeepSpeed only vouches for its fused ones.
         "zero_allow_untested_optimizer": True,
+        # Always explicit: DeepSpeed >= 0.19 clips the gradient norm to 1.0 when the key is
+        # absent, which silently shrank every SGD step of a run whose norm is larger.
+        "gradient_clipping": cfg.optim.grad_clip,
         "steps_per_print": 10**9,  # progress is ours; DeepSpeed's own log would repeat it per rank
         "wall_clock_breakdown": False,
     }

@@ -114,3 +114,43 @@ def test_bf16_step_with_batchnorm_matches_fp32():
     fp32, bf16 = results["fp32"], results["bf16"]
     assert bf16["stats_dtype"] == torch.bfloat16 and bf16["stats_moved"] and fp32["stats_moved"]
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
+
+
+def run_clipping(rank: int, port: int, out: dict) -> None:
+    """One SGD step (lr 1, no momentum or decay) of a 2-rank ZeRO-2 engine per optim.grad_clip."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.train import contrastive_step
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    batch = {k: torch.cat([b[k] for b in batches_of(rank)]) for k in ("view1", "view2")}
+    for clip in ("default", 0.5):
+        overrides = [] if clip == "default" else [f"optim.grad_clip={clip}"]
+        cfg = config.load(None, [f"data.batch_size={MICRO * ACCUMULATE}", "train.zero_stage=2", "optim.name=sgd",
+                                 "optim.lr=1", "optim.momentum=0", "optim.weight_decay=0", "optim.warmup_steps=0",
+                                 "optim.schedule=constant", "train.max_steps=10", *overrides])
+        model = tiny_model()
+        before = [p.detach().clone() for p in model.parameters()]
+        engine = build_engine(model, cfg, WORLD)
+        contrastive_step(engine, [batch], cfg)
+        update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, engine.module.parameters())])
+        if rank == 0:
+            out[str(clip)] = update
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_gradient_is_clipped_only_when_the_config_says_so():
+    # DeepSpeed >= 0.19 clips the gradient norm to 1.0 unless its config says otherwise; the
+    # engine must not, by default, since a plain torch optimizer (and every published recipe) does not.
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(run_clipping, args=(free_port(), out), nprocs=WORLD, join=True)
+        results = dict(out)
+    unclipped, clipped = results["default"], results["0.5"]
+    assert unclipped.norm() > 2.0  # the global-batch gradient itself (lr 1): well above 1.0
+    torch.testing.assert_close(clipped, unclipped * 0.5 / unclipped.norm(), rtol=1e-4, atol=1e-7)
