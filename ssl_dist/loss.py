@@ -1,7 +1,8 @@
 """Contrastive losses whose negatives come from every rank: NT-Xent, CLIP InfoNCE, SigLIP.
 
 Contract (DESIGN.md, "Loss"): every rank of the process group calls the loss with its own
-local (n, D) embeddings and gets back *its* scalar loss, the mean over its own anchors. The
+local (n, D) embeddings and gets back *its* scalar loss, the mean over its own anchors (with
+nt_xent's validity mask: its share of the global mean over valid anchors, see there). The
 other ranks' embeddings arrive through an autograd-aware collective whose backward sums the
 gradients of all ranks into the rank that owns the embedding, so on rank r
 
@@ -126,14 +127,16 @@ def _chunks(n: int, chunk_size: int | None):
 # --------------------------------------------------------------------------------------------
 
 
-def _row_lse_pass(a, cols, scale, self_col, chunk_size, use_max, grad_cols_t):
+def _row_lse_pass(a, cols, scale, self_col, chunk_size, use_max, grad_cols_t, row_keep=None, col_bias=None):
     """sum_i log sum_j exp(scale <a_i, cols_j>) over anchor rows in chunks, and its gradients.
 
     a (m, D), cols (M, D) (may be a strided view); self_col: column of anchor 0, whose own
     column (self_col + i for anchor i) is left out; None: no self-exclusion. grad_cols_t:
     (D, M) buffer that d/dcols (transposed) is added to, or None for no gradients. Returns
     (total, grad_a (m, D) or None). With p_ij = softmax_j: d/da_i = scale sum_j p_ij c_j,
-    d/dc_j = scale sum_i p_ij a_i.
+    d/dc_j = scale sum_i p_ij a_i. Masking (both None: none): row_keep (m,) bool, the rows
+    that count (the others add nothing and get zero gradients); col_bias (M,), 0 for a
+    column that counts and -inf for one left out of every row's sum.
     """
     need_grad = grad_cols_t is not None
     total = a.new_zeros(())
@@ -145,19 +148,28 @@ def _row_lse_pass(a, cols, scale, self_col, chunk_size, use_max, grad_cols_t):
     for i0, i1 in chunks:
         scaled = a[i0:i1] * scale
         e = torch.mm(scaled, cols.T, out=work[: i1 - i0])  # the chunk's logits (rows x M)
+        if col_bias is not None:
+            e.add_(col_bias)
         if self_col is not None:
             rows = torch.arange(i1 - i0, device=e.device)
             e[rows, self_col + i0 + rows] = float("-inf")
+        keep = None if row_keep is None else row_keep[i0:i1]
         if use_max:
             shift = e.amax(dim=1, keepdim=True)
+            if keep is not None:  # a left-out row may have no column at all: shift -inf
+                shift = torch.where(keep.unsqueeze(1), shift, 0.0)
             e.sub_(shift)
             total += shift.sum()
         e.exp_()
         rowsum = e.sum(dim=1)
-        total += rowsum.log().sum()
+        if keep is not None:  # where(), not a product: a left-out row's log may be -inf
+            total += torch.where(keep, rowsum.log(), 0.0).sum()
+        else:
+            total += rowsum.log().sum()
         if need_grad:
             # p = e / rowsum is never formed: 1/rowsum is folded into the (rows, D) factors
-            inv = rowsum.reciprocal().unsqueeze(1)
+            inv = rowsum.reciprocal() if keep is None else torch.where(keep, rowsum.reciprocal(), 0.0)
+            inv = inv.unsqueeze(1)
             grad_a[i0:i1] = (e @ cols).mul_(inv * scale)
             grad_cols_t.addmm_((scaled * inv).T, e)  # (D, rows) @ (rows, M): the faster layout
     return total, grad_a
@@ -178,15 +190,16 @@ class _SumRowLogSumExp(torch.autograd.Function):
 
     @staticmethod
     @_without_autocast
-    def forward(ctx, cols, scale, offsets, self_cols, chunk_size, need_grad, *anchors):
+    def forward(ctx, cols, scale, offsets, self_cols, chunk_size, need_grad, mask, *anchors):
         use_max = scale.item() > _EXP_SAFE[cols.dtype]
         total = cols.new_zeros(())
         grads = []
         grad_cols_t = cols.new_zeros(cols.shape[1], cols.shape[0]) if need_grad else None  # (F, M)
-        for a, f0, self_col in zip(anchors, offsets, self_cols):
+        row_keeps, col_bias = mask if mask is not None else ([None] * len(anchors), None)
+        for a, f0, self_col, row_keep in zip(anchors, offsets, self_cols, row_keeps):
             d = a.shape[1]
             part, grad_a = _row_lse_pass(a, cols[:, f0 : f0 + d], scale, self_col, chunk_size, use_max,
-                                         grad_cols_t[f0 : f0 + d] if need_grad else None)
+                                         grad_cols_t[f0 : f0 + d] if need_grad else None, row_keep, col_bias)
             total += part
             if need_grad:
                 grads.append(grad_a)
@@ -199,13 +212,17 @@ class _SumRowLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grad_cols, grad_scale, *grads = ctx.saved_tensors
-        return (grad_cols * g, grad_scale * g, None, None, None, None, *(x * g for x in grads))
+        return (grad_cols * g, grad_scale * g, None, None, None, None, None, *(x * g for x in grads))
 
 
-def _sum_row_lse(cols, scale, anchors, *, offsets, self_cols, chunk_size=None):
-    """Autograd entry to _SumRowLogSumExp (see there); anchors, offsets, self_cols per set."""
+def _sum_row_lse(cols, scale, anchors, *, offsets, self_cols, chunk_size=None, mask=None):
+    """Autograd entry to _SumRowLogSumExp (see there); anchors, offsets, self_cols per set.
+
+    mask: None, or (row_keeps, col_bias): per anchor set a (m,) bool of the rows that count,
+    and a (M,) bias, 0 for a column that counts and -inf for one left out (see _row_lse_pass).
+    """
     need = _needs_grad(cols, scale, *anchors)
-    return _SumRowLogSumExp.apply(cols, scale, tuple(offsets), tuple(self_cols), chunk_size, need, *anchors)
+    return _SumRowLogSumExp.apply(cols, scale, tuple(offsets), tuple(self_cols), chunk_size, need, mask, *anchors)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,8 +230,8 @@ def _sum_row_lse(cols, scale, anchors, *, offsets, self_cols, chunk_size=None):
 # --------------------------------------------------------------------------------------------
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, chunk_size: int | None = None,
-            group=None) -> torch.Tensor:
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: torch.Tensor | None = None,
+            chunk_size: int | None = None, group=None) -> torch.Tensor:
     """NT-Xent (SimCLR) loss of this rank, with negatives from every rank of `group`.
 
     z1, z2: (n, D) embeddings of the two views of this rank's n samples (any float dtype;
@@ -224,9 +241,18 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, chunk_siz
     the other 2N - 2 views (itself excluded). Returns the mean over this rank's 2n anchors of
     -log softmax(positive) at temperature `temperature`: a scalar, fp32 (fp64 for fp64 input).
 
+    valid: (n,) bool, False for a slot that holds no sample of its own (the loader's copy in
+    place of a skipped one, `batch["__valid__"]`): such a sample is neither an anchor nor a
+    negative anywhere, and the loss is then the one of the global batch without it (a rank
+    returns its sum over valid anchors divided by 2 x (valid samples of all ranks) / W, so
+    that the mean over ranks is the global mean). None: every slot is valid. Every rank of
+    `group` passes a mask, or none does (the mask travels with the gather).
+
     chunk_size: anchor rows per chunk; None computes all 2n rows at once. The loss's peak
     memory is about chunk_size x 2N x 4 bytes (fp32), plus a few (2N, D) matrices.
     """
+    if valid is not None:
+        return _nt_xent_masked(z1, z2, temperature, valid, chunk_size=chunk_size, group=group)
     dtype = _compute_dtype(z1, z2)
     rank, _ = rank_and_world(group)
     n = z1.shape[0]
@@ -240,6 +266,29 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, chunk_siz
     # the positive pair lives on this rank: its logit needs nothing gathered
     pos = (z1 * z2).sum() * inv_t
     return (lse - 2 * pos) / (2 * n)
+
+
+def _nt_xent_masked(z1, z2, temperature, valid, *, chunk_size, group):
+    """nt_xent with a validity mask (see there): the same sums, with left-out rows and columns."""
+    dtype = _compute_dtype(z1, z2)
+    rank, world = rank_and_world(group)
+    n, d = z1.shape
+    z1 = F.normalize(z1.to(dtype), dim=1)
+    z2 = F.normalize(z2.to(dtype), dim=1)
+    keep = torch.cat([valid, valid]).to(device=z1.device, dtype=torch.bool)  # (2n,): both views of a sample
+    anchors = torch.cat([z1, z2])
+    # The mask rides along as one more column of the same gather: (2N, D + 1)
+    cols = gather(torch.cat([anchors, keep.to(dtype).unsqueeze(1)], dim=1), group)
+    col_keep = cols[:, d] > 0.5
+    col_bias = torch.zeros(col_keep.shape, dtype=dtype, device=cols.device).masked_fill_(~col_keep, float("-inf"))
+    inv_t = _scalar(1.0 / temperature, z1)
+    lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=[rank * 2 * n], chunk_size=chunk_size,
+                       mask=([keep], col_bias))
+    pos = ((z1 * z2).sum(dim=1) * valid.to(device=z1.device, dtype=dtype)).sum() * inv_t
+    # 2 x (valid samples per rank, on average): the mean over ranks is then the global mean
+    # over valid anchors. A tensor, not a Python number: no device-to-host wait per step.
+    per_rank = col_keep.sum().to(dtype).div(world).clamp_min(1.0)
+    return (lse - 2 * pos) / per_rank
 
 
 # --------------------------------------------------------------------------------------------

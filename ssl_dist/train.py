@@ -238,9 +238,14 @@ def contrastive_step(engine, micro_batches: list[dict], cfg, timer: PhaseTimer |
     activations of one micro-batch at a time. `timer` gets a mark after each phase.
     """
     timer = timer or PhaseTimer()
+    # A slot that the loader filled with a copy of a skipped sample is neither an anchor nor
+    # a negative. The loader's batches always carry "__valid__"; hand-made ones may not.
+    valid = (torch.cat([b["__valid__"] for b in micro_batches])
+             if all("__valid__" in b for b in micro_batches) else None)
+
     def loss_fn(z1, z2):
-        # NT-Xent with negatives from every rank; this rank's mean over its own anchors.
-        return nt_xent(z1, z2, cfg.loss.temperature, chunk_size=cfg.loss.chunk_size or None)
+        # NT-Xent with negatives from every rank; this rank's share of the global mean.
+        return nt_xent(z1, z2, cfg.loss.temperature, valid=valid, chunk_size=cfg.loss.chunk_size or None)
 
     if len(micro_batches) == 1:
         z1, z2 = embed(engine, micro_batches[0])

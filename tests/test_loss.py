@@ -123,6 +123,30 @@ def test_without_process_group_matches_reference(name, chunk):
     check.done()
 
 
+@pytest.mark.parametrize("chunk", [None, 1, CHUNK])
+@pytest.mark.parametrize("tau", [TAU, 0.01])  # 0.01: logits up to 100, the row-max path
+def test_nt_xent_with_invalid_slots_is_the_loss_without_them(chunk, tau):
+    # A slot the loader filled with a copy of another sample (valid False) is no anchor and
+    # no negative: loss and gradients are those of the batch without it; its gradient is 0.
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(N_LOCAL, DIM, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(N_LOCAL, DIM, dtype=torch.float64, generator=g, requires_grad=True)
+    valid = torch.tensor([True, False, True, True, False, True])
+    got = L.nt_xent(a, b, tau, valid=valid, chunk_size=chunk)
+    got_a, got_b = torch.autograd.grad(got, [a, b])
+    ref_a, ref_b = (x.detach()[valid].clone().requires_grad_() for x in (a, b))
+    ref = ref_nt_xent(ref_a, ref_b, [], tau).mean()
+    want_a, want_b = torch.autograd.grad(ref, [ref_a, ref_b])
+    check = Checker(f"masked nt_xent chunk={chunk} tau={tau}")
+    check("loss", got, ref)
+    check("grad a", got_a[valid], want_a)
+    check("grad b", got_b[valid], want_b)
+    check.done()
+    assert got_a[~valid].abs().max() == 0 and got_b[~valid].abs().max() == 0
+    all_valid = L.nt_xent(a, b, tau, valid=torch.ones(N_LOCAL, dtype=torch.bool), chunk_size=chunk)
+    torch.testing.assert_close(all_valid, L.nt_xent(a, b, tau, chunk_size=chunk), rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("name", ["nt_xent", "clip", "siglip"])
 def test_bf16_inputs_are_computed_in_fp32(name):
     g = torch.Generator().manual_seed(2)
@@ -330,6 +354,27 @@ def check_direct(check, name, chunk, rank, world):
         check(f"grad param {i}", mean_over_ranks(p.grad), ref_grads[2 + i])
 
 
+def check_masked(check, chunk, rank, world):
+    """nt_xent with invalid slots (a different number on each rank) against the global batch
+    without them: the mean over ranks, and each rank's input gradients after the 1/W."""
+    za_all, zb_all = global_embeddings(world)
+    valid_all = torch.ones(world * N_LOCAL, dtype=torch.bool)
+    valid_all[[i for i in (1, 4, 12, 23) if i < world * N_LOCAL]] = False  # ranks 0-3 lose 2, 0, 1, 1 slots
+    rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
+    za = za_all[rows].clone().requires_grad_()
+    zb = zb_all[rows].clone().requires_grad_()
+    loss = L.nt_xent(za, zb, TAU, valid=valid_all[rows], chunk_size=chunk)
+    loss.backward()
+
+    ref_a, ref_b = za_all[valid_all].clone().requires_grad_(), zb_all[valid_all].clone().requires_grad_()
+    ref = ref_nt_xent(ref_a, ref_b, []).mean()
+    want_a, want_b = (torch.zeros_like(za_all) for _ in range(2))
+    want_a[valid_all], want_b[valid_all] = torch.autograd.grad(ref, [ref_a, ref_b])
+    check("masked mean loss over ranks", mean_over_ranks(loss), ref)
+    check("masked grad a", za.grad / world, want_a[rows])
+    check("masked grad b", zb.grad / world, want_b[rows])
+
+
 def check_gradcache(check, name, chunk, rank, world):
     """Model parameter gradients with gradient caching against the global-batch reference."""
     xa_all, xb_all = global_inputs(world)
@@ -366,6 +411,10 @@ def distributed_worker(rank, world, port):
         c = Checker(f"world={world} rank={rank}")
         check_gather(c, rank, world)
         failures += c.failures
+        for chunk in (None, CHUNK):
+            c = Checker(f"world={world} rank={rank} masked nt_xent chunk={chunk}")
+            check_masked(c, chunk, rank, world)
+            failures += c.failures
         for name in ("nt_xent", "clip", "siglip"):
             for chunk in (None, CHUNK):
                 c = Checker(f"world={world} rank={rank} {name} chunk={chunk}")

@@ -154,3 +154,60 @@ def test_gradient_is_clipped_only_when_the_config_says_so():
     unclipped, clipped = results["default"], results["0.5"]
     assert unclipped.norm() > 2.0  # the global-batch gradient itself (lr 1): well above 1.0
     torch.testing.assert_close(clipped, unclipped * 0.5 / unclipped.norm(), rtol=1e-4, atol=1e-7)
+
+
+def run_masking(rank: int, port: int, out: dict) -> None:
+    """SGD updates (lr 1) of a batch with one invalid slot per rank, and of the batch without it."""
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.train import contrastive_step
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    whole = {k: torch.cat([b[k] for b in batches_of(rank)]) for k in ("view1", "view2")}
+    bad = 5 if rank == 0 else 9  # in another micro-batch on each rank
+    masked = {k: v.clone() for k, v in whole.items()}
+    for k in masked:  # what the loader does: the slot holds a copy of a good sample
+        masked[k][bad] = whole[k][0]
+    masked["__valid__"] = torch.ones(MICRO * ACCUMULATE, dtype=torch.bool)
+    masked["__valid__"][bad] = False
+    kept = torch.arange(MICRO * ACCUMULATE) != bad
+    removed = {k: v[kept] for k, v in whole.items()}
+
+    def micro(batch):
+        """ACCUMULATE micro-batches of MICRO consecutive slots; the one that lost a slot has one fewer."""
+        full = len(batch["view1"]) == MICRO * ACCUMULATE
+        sizes = [MICRO - (not full and i == bad // MICRO) for i in range(ACCUMULATE)]
+        parts = {k: torch.split(v, sizes) for k, v in batch.items()}
+        return [{k: parts[k][i] for k in batch} for i in range(ACCUMULATE)]
+
+    for accumulate in (1, ACCUMULATE):
+        for name, batch in (("masked", masked), ("removed", removed)):
+            cfg = config.load(None, [f"data.batch_size={MICRO * ACCUMULATE // accumulate}",
+                                     f"train.accumulate={accumulate}", "train.zero_stage=2", "optim.name=sgd",
+                                     "optim.lr=1", "optim.momentum=0", "optim.weight_decay=0",
+                                     "optim.warmup_steps=0", "optim.schedule=constant", "train.max_steps=10"])
+            model = tiny_model()
+            before = [p.detach().clone() for p in model.parameters()]
+            engine = build_engine(model, cfg, WORLD)
+            contrastive_step(engine, [batch] if accumulate == 1 else micro(batch), cfg)
+            if rank == 0:
+                out[f"{name}{accumulate}"] = [b - p.detach() for b, p in zip(before, engine.module.parameters())]
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_invalid_slot_gives_the_update_of_the_batch_without_it():
+    # A skipped sample's slot holds a copy of a good one (so that every rank's batch keeps its
+    # size); the step must be the one of the batch without that slot, not count the copy twice.
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(run_masking, args=(free_port(), out), nprocs=WORLD, join=True)
+        results = dict(out)
+    for accumulate in (1, ACCUMULATE):
+        for got, want in zip(results[f"masked{accumulate}"], results[f"removed{accumulate}"]):
+            assert want.abs().max() > 1e-4
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
