@@ -58,9 +58,9 @@ unreadable shards are searched; beyond that the stream stops with an error namin
 Filling from later samples of the same worker slice instead would shift every later batch
 of that slice by the skipped count, which no other reader (or a resume with another
 layout) could know without reading the bad data itself; a masked copy keeps the partition,
-the resume state and exactly-once untouched. A loss should drop the invalid slots (as
-anchors and as negatives); one that ignores the mask still sees real images (sensible
-batch-norm statistics), only a few duplicated ones.
+the resume state and exactly-once untouched. The training step hands the mask to the loss
+(`nt_xent(valid=...)`), which drops the invalid slots as anchors and as negatives; the
+encoder still sees real images there (sensible batch-norm statistics).
 
 Counts. Each batch tells how many of its slots were skipped and why; the Loader adds them
 up when it hands the batch over, so they cover exactly the batches that reached the
@@ -836,12 +836,18 @@ class Loader:
     workers). `load_state_dict(states)` takes every rank's state of the run being resumed,
     whatever its number of ranks, loader workers or batch size. `stats()` gives the skip
     counts for the training metrics.
+
+    Epoch boundaries: with loader workers and `lookahead`, the next epoch's workers start
+    once the rest of this epoch is prefetched (its last num_workers x prefetch_factor
+    batches), so the next epoch's first batches are ready when it begins; for that while,
+    two sets of workers exist. The batches are the same either way.
     """
 
     def __init__(self, url: str, *, rank: int, world_size: int, batch_size: int, num_workers: int = 0,
                  seed: int = 0, transform: Callable | None = None, storage_options: dict | None = None,
                  shuffle_window: int = 4096, epoch: int = 0, prefetch_factor: int = 2, image_format: str = "pil",
-                 max_skip_fraction: float = 0.01, read_retries: int = 3, retry_backoff: float = 0.5):
+                 max_skip_fraction: float = 0.01, read_retries: int = 3, retry_backoff: float = 0.5,
+                 lookahead: bool = True):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside a world of {world_size}")
         if batch_size < 1 or num_workers < 0:
@@ -867,6 +873,8 @@ class Loader:
                             f"data.batch_size (or fewer workers)")
         self.skipped_samples = 0  # run totals, this rank's share
         self.skipped_shards = 0
+        self.lookahead = lookahead
+        self._ahead: tuple | None = None  # ((plan, batches) it starts at, its batch iterator)
         self._start_epoch(epoch)
 
     # -- epochs and state --
@@ -970,14 +978,23 @@ class Loader:
 
     # -- iteration --
 
+    def _source(self, plan: Plan, skip: int) -> Iterator[dict]:
+        """The batches of `plan` from batch `skip` on. With loader workers, they start now."""
+        stream = ShardStream(self.shards, rank=self.rank, layout=self.layout, plan=plan, seed=self.seed,
+                             skip=skip, transform=self.transform, image_format=self.image_format)
+        if not self._use_workers:
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.layout.num_workers, collate_fn=_as_is,
+                               prefetch_factor=self.prefetch_factor, persistent_workers=False))
+
     def __iter__(self) -> Iterator[dict]:
-        stream = ShardStream(self.shards, rank=self.rank, layout=self.layout, plan=self.plan, seed=self.seed,
-                             skip=self.batches, transform=self.transform, image_format=self.image_format)
-        if self._use_workers:
-            source = DataLoader(stream, batch_size=None, num_workers=self.layout.num_workers, collate_fn=_as_is,
-                                prefetch_factor=self.prefetch_factor, persistent_workers=False)
-        else:
-            source = stream
+        # The next epoch's loader workers were started while this epoch's last batches trained
+        # (see below); any other position (a resume, set_epoch) starts its own.
+        ahead, self._ahead = self._ahead, None
+        source = ahead[1] if ahead is not None and ahead[0] == (self.plan, self.batches) else \
+            self._source(self.plan, self.batches)
+        del ahead  # a stale one shuts its workers down
+        last = self.plan.num_batches(self.layout)
         for batch in source:
             if "__error__" in batch:
                 kind, message = batch["__error__"]
@@ -987,8 +1004,15 @@ class Loader:
             # Counted when handed over, so the state never includes prefetched batches.
             self.batches += 1
             self._count(batch.pop("__skips__"), int(batch["__valid__"].sum()))
+            if self._use_workers and self.lookahead and self._ahead is None and \
+                    last - self.batches <= self.layout.num_workers * self.prefetch_factor:
+                # What is left of this epoch is prefetched already, so its workers are idle: start
+                # the next epoch's now, and their first batches are ready when this epoch ends
+                # (else every epoch begins with a wait for worker start-up and the first reads).
+                following = Plan(epoch=self.plan.epoch + 1, total=self.shards.total)
+                self._ahead = ((following, 0), self._source(following, 0))
             yield batch
-        if self.batches >= self.plan.num_batches(self.layout):
+        if self.batches >= last:
             self._start_epoch(self.plan.epoch + 1)
 
     def _count(self, skips: list, valid: int) -> None:
@@ -1030,7 +1054,7 @@ def _as_is(batch: dict) -> dict:
 def make_loader(url: str, *, rank: int, world_size: int, batch_size: int, num_workers: int = 0, seed: int = 0,
                 transform: Callable | None = None, storage_options: dict | None = None, shuffle_window: int = 4096,
                 epoch: int = 0, image_format: str = "pil", max_skip_fraction: float = 0.01, read_retries: int = 3,
-                retry_backoff: float = 0.5, prefetch_factor: int = 2) -> Loader:
+                retry_backoff: float = 0.5, prefetch_factor: int = 2, lookahead: bool = True) -> Loader:
     """The batches of rank `rank` of `world_size` from the shards at `url` (folder with index.json).
 
     Every rank calls this with the same arguments but `rank`. Each batch is a dict with
@@ -1039,6 +1063,7 @@ def make_loader(url: str, *, rank: int, world_size: int, batch_size: int, num_wo
     decoded fields ("image": PIL image, or a uint8 (3, H, W) tensor with
     image_format="tensor", stacked when sizes agree; "cls": int tensor ...) or what
     `transform` (a function of one decoded sample dict, run in the loader workers) returns.
+    `lookahead`: start the next epoch's loader workers before this epoch ends (see Loader).
     Skipped samples are counted in `loader.stats()`; past `max_skip_fraction` of the epoch
     the loader raises DataError naming the shards. Shard reads are retried `read_retries`
     times with exponential backoff from `retry_backoff` seconds.
@@ -1048,4 +1073,4 @@ def make_loader(url: str, *, rank: int, world_size: int, batch_size: int, num_wo
     return Loader(url, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers, seed=seed,
                   transform=transform, storage_options=storage_options, shuffle_window=shuffle_window, epoch=epoch,
                   image_format=image_format, max_skip_fraction=max_skip_fraction, read_retries=read_retries,
-                  retry_backoff=retry_backoff, prefetch_factor=prefetch_factor)
+                  retry_backoff=retry_backoff, prefetch_factor=prefetch_factor, lookahead=lookahead)

@@ -191,6 +191,28 @@ def test_order_is_a_function_of_seed_and_epoch(cifar_local):
     assert base != sorted(base)  # samples are shuffled, not read in shard order
 
 
+def test_next_epoch_starts_its_workers_early_and_delivers_the_same_batches(cifar_local):
+    def three_epochs(lookahead):
+        loader = data.Loader(str(cifar_local[0]), rank=0, world_size=1, batch_size=8, num_workers=2,
+                             shuffle_window=64, transform=keys_only, lookahead=lookahead)
+        epochs, started_early = [], []
+        for _ in range(3):
+            keys = []
+            for batch in loader:
+                keys.append(list(batch["__key__"]))
+                if len(loader) == 0:  # this epoch's last batch: the next one's workers run already
+                    started_early.append(loader._ahead is not None)
+            epochs.append(keys)
+        return epochs, started_early
+
+    early, started = three_epochs(True)
+    assert started == [True, True, True]
+    late, started = three_epochs(False)
+    assert started == [False, False, False]
+    assert early == late  # the same batches, epoch after epoch
+    assert early[0] != early[1]  # (and each epoch has its own order)
+
+
 def test_augmentation_is_the_same_in_every_layout(cifar_s3):
     from ssl_dist.augment import TwoViews
 
