@@ -6,7 +6,8 @@ augmentation placements (per sample in the loader workers, per batch on the GPU)
 
 Runs one process (world size 1); Ray is not needed for this measurement and the lent GPU
 machine has none. Prints a table with median step times and samples/s, and the ratio of
-the two placements, measured in the same run.
+the two placements, measured in the same run, and the median global gradient norm (before
+any clipping: optim.grad_clip is off in the recipe).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch.distributed as dist
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_placement(cfg, url: str, steps: int) -> dict:
+def one_placement(cfg, url: str, steps: int, lookahead: bool = True) -> dict:
     """Time `steps` training steps (the loop's own `contrastive_step`) fed by the stream."""
     from ssl_dist import data
     from ssl_dist.augment import Decode, TwoViews
@@ -36,9 +37,10 @@ def one_placement(cfg, url: str, steps: int) -> dict:
     per_batch = cfg.data.augment == "per_batch"
     loader = data.make_loader(url, rank=0, world_size=1, batch_size=cfg.data.batch_size,
                               num_workers=cfg.data.loader_workers, image_format="tensor" if per_batch else "pil",
-                              transform=Decode(cfg.data.image_size) if per_batch else TwoViews(cfg.data.image_size))
+                              transform=Decode(cfg.data.image_size) if per_batch else TwoViews(cfg.data.image_size),
+                              lookahead=lookahead)
     views = BatchViews(cfg, engine.device, rank=0) if per_batch else None
-    times, waits, step = [], [], 0
+    times, waits, norms, step = [], [], [], 0
     tick = time.perf_counter()
     while step < steps:
         for batch in loader:
@@ -46,6 +48,7 @@ def one_placement(cfg, url: str, steps: int) -> dict:
             if views is not None:
                 batch = views(batch, loader.epoch)
             loss = contrastive_step(engine, [batch], cfg)
+            norms.append(engine.get_global_grad_norm())  # before clipping; read after the timing
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             now = time.perf_counter()
@@ -61,6 +64,7 @@ def one_placement(cfg, url: str, steps: int) -> dict:
     wait = waits[steps // 3:]
     return {"step_s": statistics.median(steady), "samples_per_s": cfg.data.batch_size * len(steady) / sum(steady),
             "data_wait": sum(wait) / sum(steady), "loss": loss.item(),
+            "grad_norm": statistics.median(float("nan") if n is None else float(n) for n in norms[steps // 3:]),
             "augment_ms": augment_ms(views.augment, cfg.data.batch_size, cfg.data.image_size, engine.device) if views else None}
 
 
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("url")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--loader-workers", type=int, default=8)
+    parser.add_argument("--no-lookahead", action="store_true",
+                        help="start each epoch's loader workers only when it begins (as before the lookahead)")
     parser.add_argument("overrides", nargs="*", help="config overrides (a CPU smoke run: train.precision=fp32 ...)")
     args = parser.parse_intermixed_args()
 
@@ -104,15 +110,17 @@ def main() -> None:
         cfg = config.load(ROOT / "jobs" / "configs" / "cifar10_gpu.yaml",
                           [f"data.train_url={args.url}", f"data.augment={placement}",
                            f"data.loader_workers={args.loader_workers}", *args.overrides])
-        rows[placement] = one_placement(cfg, args.url, args.steps)
+        rows[placement] = one_placement(cfg, args.url, args.steps, lookahead=not args.no_lookahead)
         print(placement, rows[placement], flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{device}, batch {cfg.data.batch_size}, {cfg.train.precision}, ZeRO-{cfg.train.zero_stage}, "
-          f"{args.loader_workers} loader workers, median of steps {args.steps // 3}..{args.steps}\n")
-    print("| augmentation | median step (ms) | samples/s per GPU (all steps) | waiting for data |")
-    print("|---|---|---|---|")
+          f"{args.loader_workers} loader workers{' (no lookahead)' if args.no_lookahead else ''}, "
+          f"median of steps {args.steps // 3}..{args.steps}\n")
+    print("| augmentation | median step (ms) | samples/s per GPU (all steps) | waiting for data | gradient norm |")
+    print("|---|---|---|---|---|")
     for placement, r in rows.items():
-        print(f"| {placement} | {1000 * r['step_s']:.1f} | {r['samples_per_s']:.0f} | {100 * r['data_wait']:.1f}% |")
+        print(f"| {placement} | {1000 * r['step_s']:.1f} | {r['samples_per_s']:.0f} | {100 * r['data_wait']:.1f}% "
+              f"| {r['grad_norm']:.2f} |")
     if rows["per_batch"]["augment_ms"]:
         print("\nper-batch augmentation on the device, ms per batch (both views):")
         print(" | ".join(f"{name} {ms:.1f}" for name, ms in rows["per_batch"]["augment_ms"].items()))
