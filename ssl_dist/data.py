@@ -995,23 +995,30 @@ class Loader:
             self._source(self.plan, self.batches)
         del ahead  # a stale one shuts its workers down
         last = self.plan.num_batches(self.layout)
-        for batch in source:
-            if "__error__" in batch:
-                kind, message = batch["__error__"]
-                raise storage.StorageError(message) if kind == "StorageError" else DataError(message)
-            if batch["__batch__"] != self.batches:
-                raise DataError(f"stream out of order: got batch {batch['__batch__']}, expected {self.batches}")
-            # Counted when handed over, so the state never includes prefetched batches.
-            self.batches += 1
-            self._count(batch.pop("__skips__"), int(batch["__valid__"].sum()))
-            if self._use_workers and self.lookahead and self._ahead is None and \
-                    last - self.batches <= self.layout.num_workers * self.prefetch_factor:
-                # What is left of this epoch is prefetched already, so its workers are idle: start
-                # the next epoch's now, and their first batches are ready when this epoch ends
-                # (else every epoch begins with a wait for worker start-up and the first reads).
-                following = Plan(epoch=self.plan.epoch + 1, total=self.shards.total)
-                self._ahead = ((following, 0), self._source(following, 0))
-            yield batch
+        try:
+            for batch in source:
+                if "__error__" in batch:
+                    kind, message = batch["__error__"]
+                    raise storage.StorageError(message) if kind == "StorageError" else DataError(message)
+                if batch["__batch__"] != self.batches:
+                    raise DataError(f"stream out of order: got batch {batch['__batch__']}, expected {self.batches}")
+                # Counted when handed over, so the state never includes prefetched batches.
+                self.batches += 1
+                self._count(batch.pop("__skips__"), int(batch["__valid__"].sum()))
+                if self._use_workers and self.lookahead and self._ahead is None and \
+                        last - self.batches <= self.layout.num_workers * self.prefetch_factor:
+                    # What is left of this epoch is prefetched already, so its workers are idle: start
+                    # the next epoch's now, and their first batches are ready when this epoch ends
+                    # (else every epoch begins with a wait for worker start-up and the first reads).
+                    following = Plan(epoch=self.plan.epoch + 1, total=self.shards.total)
+                    self._ahead = ((following, 0), self._source(following, 0))
+                yield batch
+        finally:
+            # Released here, in the consumer's thread. Held on (by the traceback of an error
+            # raised above), a reader generator would be closed later by the garbage collector
+            # in whatever thread runs it, possibly fsspec's IO thread, which that generator's
+            # read-ahead thread is waiting on: a deadlock.
+            del source
         if self.batches >= last:
             self._start_epoch(self.plan.epoch + 1)
 
