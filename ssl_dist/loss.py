@@ -251,44 +251,32 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: to
     chunk_size: anchor rows per chunk; None computes all 2n rows at once. The loss's peak
     memory is about chunk_size x 2N x 4 bytes (fp32), plus a few (2N, D) matrices.
     """
-    if valid is not None:
-        return _nt_xent_masked(z1, z2, temperature, valid, chunk_size=chunk_size, group=group)
-    dtype = _compute_dtype(z1, z2)
-    rank, _ = rank_and_world(group)
-    n = z1.shape[0]
-    z1 = F.normalize(z1.to(dtype), dim=1)
-    z2 = F.normalize(z2.to(dtype), dim=1)
-    anchors = torch.cat([z1, z2])  # (2n, D); rank q's block of the gather is [z1_q; z2_q]
-    cols = gather(anchors, group)  # (2N, D)
-    inv_t = _scalar(1.0 / temperature, z1)
-    # anchor i's own column is its global row, rank * 2n + i
-    lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=[rank * 2 * n], chunk_size=chunk_size)
-    # the positive pair lives on this rank: its logit needs nothing gathered
-    pos = (z1 * z2).sum() * inv_t
-    return (lse - 2 * pos) / (2 * n)
-
-
-def _nt_xent_masked(z1, z2, temperature, valid, *, chunk_size, group):
-    """nt_xent with a validity mask (see there): the same sums, with left-out rows and columns."""
     dtype = _compute_dtype(z1, z2)
     rank, world = rank_and_world(group)
     n, d = z1.shape
     z1 = F.normalize(z1.to(dtype), dim=1)
     z2 = F.normalize(z2.to(dtype), dim=1)
+    anchors = torch.cat([z1, z2])  # (2n, D); rank q's block of the gather is [z1_q; z2_q]
+    inv_t = _scalar(1.0 / temperature, z1)
+    self_cols = [rank * 2 * n]  # anchor i's own column is its global row, rank * 2n + i
+    # the positive pair lives on this rank: its logit needs nothing gathered
+    pos = (z1 * z2).sum(dim=1) * inv_t  # (n,)
+    if valid is None:
+        cols = gather(anchors, group)  # (2N, D)
+        lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=self_cols, chunk_size=chunk_size)
+        return (lse - 2 * pos.sum()) / (2 * n)
+
     keep = torch.cat([valid, valid]).to(device=z1.device, dtype=torch.bool)  # (2n,): both views of a sample
-    anchors = torch.cat([z1, z2])
     # The mask rides along as one more column of the same gather: (2N, D + 1)
     cols = gather(torch.cat([anchors, keep.to(dtype).unsqueeze(1)], dim=1), group)
     col_keep = cols[:, d] > 0.5
     col_bias = torch.zeros(col_keep.shape, dtype=dtype, device=cols.device).masked_fill_(~col_keep, float("-inf"))
-    inv_t = _scalar(1.0 / temperature, z1)
-    lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=[rank * 2 * n], chunk_size=chunk_size,
+    lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=self_cols, chunk_size=chunk_size,
                        mask=([keep], col_bias))
-    pos = ((z1 * z2).sum(dim=1) * valid.to(device=z1.device, dtype=dtype)).sum() * inv_t
     # 2 x (valid samples per rank, on average): the mean over ranks is then the global mean
     # over valid anchors. A tensor, not a Python number: no device-to-host wait per step.
     per_rank = col_keep.sum().to(dtype).div(world).clamp_min(1.0)
-    return (lse - 2 * pos) / per_rank
+    return (lse - 2 * torch.where(keep[:n], pos, 0.0).sum()) / per_rank  # where(): no host sync
 
 
 # --------------------------------------------------------------------------------------------
