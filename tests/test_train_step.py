@@ -30,16 +30,23 @@ def batches_of(rank: int) -> list[dict]:
             for _ in range(ACCUMULATE)]
 
 
-def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
+def join_group(rank: int, port: int, world: int = WORLD) -> None:
+    """This spawned process as rank `rank` of a gloo group of `world` (DeepSpeed reads the env)."""
+    import torch.distributed as dist
+
     os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
     from ssl_dist.train import contrastive_step
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port)
     micro = batches_of(rank)
     whole = [{k: torch.cat([b[k] for b in micro]) for k in ("view1", "view2")}]
     results = {}
@@ -80,15 +87,13 @@ def test_gradient_caching_step_equals_whole_batch_step(zero_stage):
 
 def run_precision(rank: int, port: int, out: dict) -> None:
     """One step of the real ResNet-18 (CIFAR stem) in fp32 and in bf16, world size 1."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
     from ssl_dist.model import build_model
     from ssl_dist.train import contrastive_step
 
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    join_group(0, port, world=1)
     g = torch.Generator().manual_seed(7)
     batch = {"view1": torch.rand(8, 3, 32, 32, generator=g), "view2": torch.rand(8, 3, 32, 32, generator=g)}
     for precision in ("fp32", "bf16"):
@@ -118,15 +123,12 @@ def test_bf16_step_with_batchnorm_matches_fp32():
 
 def run_clipping(rank: int, port: int, out: dict) -> None:
     """One SGD step (lr 1, no momentum or decay) of a 2-rank ZeRO-2 engine per optim.grad_clip."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
     from ssl_dist.train import contrastive_step
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port)
     batch = {k: torch.cat([b[k] for b in batches_of(rank)]) for k in ("view1", "view2")}
     for clip in ("default", 0.5):
         overrides = [] if clip == "default" else [f"optim.grad_clip={clip}"]
@@ -158,15 +160,12 @@ def test_gradient_is_clipped_only_when_the_config_says_so():
 
 def run_masking(rank: int, port: int, out: dict) -> None:
     """SGD updates (lr 1) of a batch with one invalid slot per rank, and of the batch without it."""
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
     from ssl_dist.train import contrastive_step
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_group(rank, port)
     whole = {k: torch.cat([b[k] for b in batches_of(rank)]) for k in ("view1", "view2")}
     bad = 5 if rank == 0 else 9  # in another micro-batch on each rank
     masked = {k: v.clone() for k, v in whole.items()}
