@@ -40,6 +40,14 @@ def join_group(rank: int, port: int, world: int = WORLD) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
 
 
+def spawn_ranks(fn, *args, world: int = WORLD) -> dict:
+    """Run fn(rank, port, *args, out) in `world` spawned processes; returns what they put in out."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(fn, args=(free_port(), *args, out), nprocs=world, join=True)
+        return dict(out)
+
+
 def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
     import torch.distributed as dist
 
@@ -73,10 +81,7 @@ def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
 
 @pytest.mark.parametrize("zero_stage", [2, 3])
 def test_gradient_caching_step_equals_whole_batch_step(zero_stage):
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(run_rank, args=(free_port(), zero_stage, out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = spawn_ranks(run_rank, zero_stage)
     (loss_whole, p_whole), (loss_cached, p_cached) = results["whole"], results["cached"]
     assert loss_cached == pytest.approx(loss_whole, rel=1e-5)
     initial = list(tiny_model().parameters())
@@ -112,10 +117,7 @@ def run_precision(rank: int, port: int, out: dict) -> None:
 def test_bf16_step_with_batchnorm_matches_fp32():
     # DeepSpeed >= 0.19 casts parameters but not buffers to bf16: without our buffer_dtype the
     # BatchNorm layers of every ResNet failed at the first bf16 step.
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(run_precision, args=(free_port(), out), nprocs=1, join=True)
-        results = dict(out)
+    results = spawn_ranks(run_precision, world=1)
     fp32, bf16 = results["fp32"], results["bf16"]
     assert bf16["stats_dtype"] == torch.bfloat16 and bf16["stats_moved"] and fp32["stats_moved"]
     assert bf16["loss"] == pytest.approx(fp32["loss"], rel=0.02)
@@ -149,10 +151,7 @@ def run_clipping(rank: int, port: int, out: dict) -> None:
 def test_gradient_is_clipped_only_when_the_config_says_so():
     # DeepSpeed >= 0.19 clips the gradient norm to 1.0 unless its config says otherwise; the
     # engine must not, by default, since a plain torch optimizer (and every published recipe) does not.
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(run_clipping, args=(free_port(), out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = spawn_ranks(run_clipping)
     unclipped, clipped = results["default"], results["0.5"]
     assert unclipped.norm() > 2.0  # the global-batch gradient itself (lr 1): well above 1.0
     torch.testing.assert_close(clipped, unclipped * 0.5 / unclipped.norm(), rtol=1e-4, atol=1e-7)
@@ -202,10 +201,7 @@ def run_masking(rank: int, port: int, out: dict) -> None:
 def test_invalid_slot_gives_the_update_of_the_batch_without_it():
     # A skipped sample's slot holds a copy of a good one (so that every rank's batch keeps its
     # size); the step must be the one of the batch without that slot, not count the copy twice.
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(run_masking, args=(free_port(), out), nprocs=WORLD, join=True)
-        results = dict(out)
+    results = spawn_ranks(run_masking)
     for accumulate in (1, ACCUMULATE):
         for got, want in zip(results[f"masked{accumulate}"], results[f"removed{accumulate}"]):
             assert want.abs().max() > 1e-4
