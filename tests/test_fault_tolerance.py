@@ -315,80 +315,12 @@ def test_export_loads_into_plain_torchvision_with_the_engines_embeddings(cifar_s
 # ---- without Ray: the checks and decisions -----------------------------------------------------
 
 
-def fake_checkpoint(root: Path, step: int, world: int = 2, *, suffix: str = "", config: dict | None = None) -> str:
-    """A checkpoint folder with the real layout (tiny files) as `save` writes it."""
-    folder = root / (checkpoint.checkpoint_name(step) + suffix)
-    for rank in range(world):
-        files = {f"deepspeed/zero_pp_rank_{rank}_mp_rank_00_optim_states.pt": b"o" * (10 + rank),
-                 checkpoint.stream_file(rank): b"{}"}
-        if rank == 0:
-            meta = {"format": checkpoint.FORMAT, "step": step, "samples_seen": 32 * step, "world_size": world,
-                    "global_batch": 32, "target_global_batch": 32, "zero_stage": 1, "config": config or {}}
-            files["deepspeed/mp_rank_00_model_states.pt"] = b"m" * 20
-            files[checkpoint.META] = json.dumps(meta).encode()
-        for rel, data in files.items():
-            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-            (folder / rel).write_bytes(data)
-        part = {"rank": rank, "step": step, "files": {rel: len(data) for rel, data in files.items()}}
-        (folder / checkpoint.part_file(rank)).parent.mkdir(exist_ok=True)
-        (folder / checkpoint.part_file(rank)).write_text(json.dumps(part))
-    return str(folder)
-
-
-def test_incomplete_checkpoints_are_detected_and_skipped(tmp_path):
-    for step in (4, 8, 12, 16):
-        fake_checkpoint(tmp_path, step)
-    (tmp_path / "checkpoint-00000008" / "parts" / "rank00001.json").unlink()        # a rank never uploaded
-    (tmp_path / "checkpoint-00000012" / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"m")  # truncated
-    (tmp_path / "checkpoint-00000016" / checkpoint.META).unlink()                     # rank 0 never uploaded
-    with pytest.raises(checkpoint.IncompleteCheckpoint, match="rank"):
-        checkpoint.inspect(str(tmp_path / "checkpoint-00000008"))
-    with pytest.raises(checkpoint.IncompleteCheckpoint, match="holds 1 bytes, rank 0 wrote 20"):
-        checkpoint.inspect(str(tmp_path / "checkpoint-00000012"))
-
-    # Ray Train hands back step 12 (registered, then corrupted): fall back to 4, say so; 16 never
-    # counted (newer than anything registered) and goes; 8 and 12 may be registered and stay.
-    resume = checkpoint.find_resume(str(tmp_path), handed="checkpoint-00000012")
-    assert resume.info.step == 4
-    assert any("checkpoint-00000012 is incomplete" in n and "falling back" in n for n in resume.notes)
-    assert resume.stale == ["checkpoint-00000016"]
-    assert checkpoint.checkpoint_name(12, resume.taken) == "checkpoint-00000012.1"  # never onto the old one
-    assert checkpoint.checkpoint_name(16, resume.taken) == "checkpoint-00000016"
-    assert checkpoint.name_key("checkpoint-00000012.1") > checkpoint.name_key("checkpoint-00000012")
-
-    # No Ray Train snapshot (a run folder from elsewhere): the newest complete one, anything newer goes.
-    resume = checkpoint.find_resume(str(tmp_path))
-    assert resume.info.step == 4 and resume.stale == ["checkpoint-00000008", "checkpoint-00000012",
-                                                       "checkpoint-00000016"]
-    assert checkpoint.newest_complete(str(tmp_path)).step == 4
-
-
-def test_global_batch_on_other_worker_counts():
-    assert checkpoint.worker_batch(32, 1, 16, "round_down") == (32, None)
-    assert checkpoint.worker_batch(32, 4, 16, "error") == (8, None)
-    batch, note = checkpoint.worker_batch(32, 3, 16, "round_down")
-    assert batch == 10 and "a global batch of 30" in note
-    batch, note = checkpoint.worker_batch(32, 3, 16, "keep_per_worker")
-    assert batch == 16 and "a global batch of 48" in note
-    with pytest.raises(checkpoint.CheckpointError, match="does not divide among 3 workers"):
-        checkpoint.worker_batch(32, 3, 16, "error")
-
-
 def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path):
     done = ssl_dist_cli("pretrain", "--resume", f"data.train_url={cifar_shards_s3['train']}",
                         f"run.storage_path={tmp_path}/runs", "run.name=nothing-here")
     assert done.returncode == 2, done.stderr[-3000:]
     assert "--resume: nothing to resume in" in done.stderr and "nothing-here" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_no_resume_clears_the_previous_run(tmp_path):
-    run = tmp_path / "run"
-    fake_checkpoint(run, 4)
-    (run / "checkpoint_manager_snapshot.json").write_text("{}")
-    (run / "metrics").mkdir()
-    assert checkpoint.clear_run(str(run)) == 1
-    assert list(run.iterdir()) == []
 
 
 def test_min_workers_makes_an_elastic_range_for_ray_train():
@@ -402,20 +334,3 @@ def test_min_workers_makes_an_elastic_range_for_ray_train():
     assert ray.train.ScalingConfig(num_workers=launch.worker_range(elastic)).elasticity_enabled
     with pytest.raises(config.ConfigError, match="run.min_workers=4"):
         config.load(None, ["run.num_workers=3", "run.min_workers=4"])
-
-
-def test_a_checkpoint_of_another_model_or_an_unsplittable_batch_is_refused_before_any_worker_starts(tmp_path):
-    from ssl_dist import config, launch
-
-    base = ["run.storage_path=" + str(tmp_path), "run.name=run", "train.zero_stage=1"]
-    saved = config.load(None, [*base, "model.arch=resnet34"])
-    fake_checkpoint(tmp_path / "run", 4, config=config.to_dict(saved))
-    said = []
-    with pytest.raises(checkpoint.CheckpointError, match="model.arch: 'resnet34' there, 'resnet18' here"):
-        launch.prepare_resume(config.load(None, base), None, {}, say=said.append)
-    with pytest.raises(checkpoint.CheckpointError, match="does not divide among 3 workers"):
-        launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34", "run.num_workers=3",
-                                                 "train.indivisible_batch=error"]), True, {}, say=said.append)
-    launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34"]), True, {}, say=said.append)
-    assert said == [f"{tmp_path}/run holds checkpoints up to step 4: the run resumes from its newest complete one "
-                    f"(--no-resume starts it over)"]

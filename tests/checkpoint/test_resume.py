@@ -1,0 +1,59 @@
+"""Where a (re)started run resumes, and with which batch (no Ray, no engine)."""
+
+from __future__ import annotations
+
+import pytest
+from checkpoint_fakes import fake_checkpoint
+
+from ssl_dist import checkpoint
+
+
+def test_incomplete_checkpoints_are_skipped(tmp_path):
+    for step in (4, 8, 12, 16):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / "checkpoint-00000008" / "parts" / "rank00001.json").unlink()        # a rank never uploaded
+    (tmp_path / "checkpoint-00000012" / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"m")  # truncated
+    (tmp_path / "checkpoint-00000016" / checkpoint.META).unlink()                     # rank 0 never uploaded
+
+    # Ray Train hands back step 12 (registered, then corrupted): fall back to 4, say so; 16 never
+    # counted (newer than anything registered) and goes; 8 and 12 may be registered and stay.
+    resume = checkpoint.find_resume(str(tmp_path), handed="checkpoint-00000012")
+    assert resume.info.step == 4
+    assert any("checkpoint-00000012 is incomplete" in n and "falling back" in n for n in resume.notes)
+    assert resume.stale == ["checkpoint-00000016"]
+    assert checkpoint.checkpoint_name(12, resume.taken) == "checkpoint-00000012.1"  # never onto the old one
+    assert checkpoint.checkpoint_name(16, resume.taken) == "checkpoint-00000016"
+
+    # No Ray Train snapshot (a run folder from elsewhere): the newest complete one, anything newer goes.
+    resume = checkpoint.find_resume(str(tmp_path))
+    assert resume.info.step == 4 and resume.stale == ["checkpoint-00000008", "checkpoint-00000012",
+                                                       "checkpoint-00000016"]
+    assert checkpoint.newest_complete(str(tmp_path)).step == 4
+
+
+def test_global_batch_on_other_worker_counts():
+    assert checkpoint.worker_batch(32, 1, 16, "round_down") == (32, None)
+    assert checkpoint.worker_batch(32, 4, 16, "error") == (8, None)
+    batch, note = checkpoint.worker_batch(32, 3, 16, "round_down")
+    assert batch == 10 and "a global batch of 30" in note
+    batch, note = checkpoint.worker_batch(32, 3, 16, "keep_per_worker")
+    assert batch == 16 and "a global batch of 48" in note
+    with pytest.raises(checkpoint.CheckpointError, match="does not divide among 3 workers"):
+        checkpoint.worker_batch(32, 3, 16, "error")
+
+
+def test_a_checkpoint_of_another_model_or_an_unsplittable_batch_is_refused_before_any_worker_starts(tmp_path):
+    from ssl_dist import config, launch
+
+    base = ["run.storage_path=" + str(tmp_path), "run.name=run", "train.zero_stage=1"]
+    saved = config.load(None, [*base, "model.arch=resnet34"])
+    fake_checkpoint(tmp_path / "run", 4, config=config.to_dict(saved))
+    said = []
+    with pytest.raises(checkpoint.CheckpointError, match="model.arch: 'resnet34' there, 'resnet18' here"):
+        launch.prepare_resume(config.load(None, base), None, {}, say=said.append)
+    with pytest.raises(checkpoint.CheckpointError, match="does not divide among 3 workers"):
+        launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34", "run.num_workers=3",
+                                                 "train.indivisible_batch=error"]), True, {}, say=said.append)
+    launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34"]), True, {}, say=said.append)
+    assert said == [f"{tmp_path}/run holds checkpoints up to step 4: the run resumes from its newest complete one "
+                    f"(--no-resume starts it over)"]
