@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY
+from services import TEST_ACCESS_KEY, TEST_SECRET_KEY
 
 from ssl_dist import config, evaluate, submit
 from ssl_dist.model import build_model

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from services import free_port
 
 from ssl_dist import config, evaluate, metrics, plots, shards, synthetic
 
