@@ -95,12 +95,9 @@ batch or per window. benchmarks/data_stream.py measures it against webdataset.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
 import threading
 import time
-import warnings
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -112,19 +109,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ssl_dist import shards as shardlib
 from ssl_dist import storage
+from ssl_dist.decode import (IMAGE_EXTS, IMAGE_FORMATS, JPEG_EXTS, DataError, DecodeError, decode_image,  # noqa: F401
+                             decode_sample, decode_samples, jpeg_decoder, to_pil)
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")
-IMAGE_FORMATS = ("pil", "tensor")
 FILL_SCAN_SAMPLES = 4096  # how far past an all-bad batch the stream looks for a good sample to copy
 FILL_SCAN_SHARDS = 8  # unreadable shards met on that search before it gives up
 SIDECAR_CACHE_BYTES = 64 * 2**20  # sidecars kept per loader worker
 WHOLE_SIDECAR_BYTES = 2**20  # larger sidecars are read in ranges, never whole
 READ_THROUGH_GAP = 64  # samples not needed that a ranged read may span rather than start another
 PROBLEMS_KEPT = 64  # shards whose problems a rank keeps for its error message
-
-
-class DataError(RuntimeError):
-    """A user-facing data problem (missing manifest, empty dataset, corrupt shard...)."""
 
 
 # ---- the epoch plan -----------------------------------------------------------------------
@@ -479,151 +472,6 @@ def runs_of(positions: np.ndarray, order: np.ndarray, starts: np.ndarray) -> lis
     cuts = np.flatnonzero((np.diff(slot) != 0) | (np.diff(local) != 1)) + 1
     bounds = [0, *cuts.tolist(), len(pos)]
     return [(int(order[slot[a]]), int(local[a]), int(local[z - 1]) + 1) for a, z in zip(bounds[:-1], bounds[1:])]
-
-
-# ---- decoding -----------------------------------------------------------------------------
-
-JPEG_EXTS = ("jpg", "jpeg")
-_jpeg_decoder: Callable | None | bool = False  # False: not looked up yet in this process
-
-
-def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """torchvision's libjpeg-turbo decoder as a function of a uint8 byte tensor -> uint8 RGB (3, H, W),
-    or None where it is missing (then PIL decodes everything).
-
-    Calls the registered op directly: `torchvision.io.decode_jpeg` (deprecated since torchvision
-    0.29 in favour of torchcodec, which this project does not ship) adds a deprecation warning and
-    checks that cost as much as decoding a 32 x 32 JPEG. It is checked once against PIL on a tiny
-    image, so a torchvision whose op differs falls back to PIL instead of failing every sample.
-    """
-    global _jpeg_decoder
-    if _jpeg_decoder is False:
-        _jpeg_decoder = None
-        try:
-            from PIL import Image
-            from torchvision.io import ImageReadMode
-
-            overload = torch.ops.image.decode_jpeg.default
-            op = getattr(overload, "_op", overload)  # the C++ function itself, without the Python dispatch layer
-            mode = ImageReadMode.RGB.value
-
-            def decode(data: torch.Tensor) -> torch.Tensor:
-                return op(data, mode, False)
-
-            probe = io.BytesIO()
-            Image.new("RGB", (8, 8), (200, 30, 60)).save(probe, format="JPEG")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch notes once per process that bytes are read-only
-                decoded = decode(torch.frombuffer(probe.getvalue(), dtype=torch.uint8))
-            expected = np.asarray(Image.open(io.BytesIO(probe.getvalue())).convert("RGB"))
-            if np.array_equal(decoded.permute(1, 2, 0).numpy(), expected):
-                _jpeg_decoder = decode
-        except Exception:  # no torchvision image ops: PIL it is
-            _jpeg_decoder = None
-    return _jpeg_decoder
-
-
-def decode_image(data: bytes, ext: str) -> torch.Tensor:
-    """An encoded image -> uint8 RGB tensor (3, H, W); raises (any exception) if it does not decode.
-
-    JPEGs go through torchvision's libjpeg-turbo decoder (the pixels PIL gives, at a third of
-    the cost); other formats, and JPEGs that decoder rejects, through PIL.
-    """
-    decode = jpeg_decoder() if ext in JPEG_EXTS else None
-    if decode is not None:
-        try:
-            return decode(torch.frombuffer(data, dtype=torch.uint8))
-        except (RuntimeError, ValueError):
-            pass  # PIL decides
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def to_pil(image: torch.Tensor):
-    """uint8 (3, H, W) tensor -> PIL RGB image."""
-    from PIL import Image
-
-    array = image.permute(1, 2, 0).contiguous().numpy()
-    return Image.frombuffer("RGB", (array.shape[1], array.shape[0]), array, "raw", "RGB", 0, 1)
-
-
-def decode_samples(samples: list[tuple[str, dict[str, bytes]]], image_format: str = "pil") -> list:
-    """Decode raw samples; each entry becomes a sample dict (see `decode_sample`) or a string saying why it
-    cannot be decoded."""
-    decode = jpeg_decoder()
-    pil = image_format == "pil"
-    frombuffer, uint8 = torch.frombuffer, torch.uint8
-    out: list = []
-    for key, fields in samples:
-        data = fields.get("jpg")
-        image = None
-        if data is not None and decode is not None:
-            ext = "jpg"
-            try:
-                image = decode(frombuffer(data, dtype=uint8))
-            except (RuntimeError, ValueError):
-                pass  # PIL decides
-        else:
-            ext = next((e for e in IMAGE_EXTS if e in fields), None)
-            if ext is None:
-                out.append(f"{key}: no image member ({'/'.join(IMAGE_EXTS)}), only "
-                           f"{', '.join(sorted(fields)) or 'none'}")
-                continue
-            data = fields[ext]
-        if image is None:
-            try:
-                image = decode_image(data, ext)
-            except Exception as exc:  # PIL raises many types for a broken file
-                out.append(f"{key}.{ext}: image does not decode ({type(exc).__name__}: "
-                           f"{str(exc).split(' <_io.')[0]})")
-                continue
-        sample = {"__key__": key, "image": to_pil(image) if pil else image, "image_bytes": data}
-        if len(fields) > 1:
-            label = fields.get("cls")
-            try:
-                if label is not None and len(fields) == 2:  # the usual pair: image + label
-                    sample["cls"] = int(label)  # ASCII digits, surrounding whitespace allowed
-                else:
-                    _other_fields(sample, fields, ext)
-            except ValueError:
-                try:
-                    _other_fields(sample, fields, ext)
-                except ValueError as exc:
-                    out.append(f"{key}: {exc}")
-                    continue
-        out.append(sample)
-    return out
-
-
-def _other_fields(sample: dict, fields: dict[str, bytes], image_ext: str) -> None:
-    for ext, value in fields.items():
-        if ext == image_ext:
-            continue
-        if ext == "cls":
-            try:
-                sample["cls"] = int(value)  # ASCII digits, surrounding whitespace allowed
-            except ValueError:
-                raise ValueError(f".cls {value[:20]!r} is not an integer class index") from None
-        elif ext == "json":
-            try:
-                sample["json"] = json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f".json does not parse ({exc})") from None
-        else:
-            sample[ext] = value
-
-
-def decode_sample(key: str, fields: dict[str, bytes], image_format: str = "pil") -> dict[str, Any]:
-    """{ext: bytes} -> {"__key__", "image": PIL.Image (RGB) or, with image_format="tensor", a uint8
-    (3, H, W) tensor, "image_bytes": the encoded image, "cls": int, "json": parsed, other fields as
-    bytes}. Raises DataError if it cannot be decoded."""
-    (sample,) = decode_samples([(key, fields)], image_format)
-    if isinstance(sample, str):
-        raise DataError(sample)
-    return sample
 
 
 def sample_seed(seed: int, epoch: int, key: str) -> int:

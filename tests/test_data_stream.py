@@ -290,7 +290,7 @@ def test_decoder_gives_the_pixels_pil_gives(cifar_local):
     png = io.BytesIO()
     Image.new("RGB", (5, 4), (1, 2, 3)).save(png, format="PNG")
     sample = data.decode_sample("k", {"png": png.getvalue(), "cls": b" 7\n", "txt": b"hi"}, "tensor")
-    assert sample["image"].shape == (3, 4, 5) and sample["cls"] == 7 and sample["txt"] == b"hi"
+    assert sample["image"].shape == (3, 4, 5) and sample["cls"] == 7 and sample["txt"] == "hi"
     bad = data.decode_samples([("a", {"jpg": b"no jpeg"}), ("b", {"cls": b"1"}), ("c", {"jpg": samples[0][1]["jpg"],
                                                                                     "cls": b"x"})])
     assert "a.jpg: image does not decode" in bad[0] and "b: no image member" in bad[1]

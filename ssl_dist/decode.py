@@ -1,0 +1,239 @@
+"""The one definition of a good sample: used by the stream, `shards check` and evaluation alike.
+
+A raw sample is a key and its members `{ext: bytes}` (as `shards.parse_samples` returns it).
+It is good when:
+
+- it has an image member (the first of `IMAGE_EXTS` it holds; others stay bytes), and
+  that image decodes to RGB;
+- its `.cls`, if any, is an integer (ASCII digits, surrounding whitespace allowed);
+- its `.json`, if any, parses, and its `.txt`, if any, is UTF-8 text.
+
+Decoded, it is `{"__key__", "image", "image_bytes", "cls": int, "json": parsed, "txt": str,
+other members as bytes}`. Images come as PIL RGB images (image_format="pil", what
+torchvision's PIL transforms take) or as uint8 (3, H, W) tensors (image_format="tensor").
+JPEGs are decoded by torchvision's libjpeg-turbo op, which gives PIL's pixels at a third of
+its cost; other formats, and JPEGs it rejects, by PIL.
+
+`decode_samples` is what the loader workers run on every sample; `sample_problems` says,
+with exactly the same decoding, why one sample would be skipped (for `shards check`, which
+also knows the manifest's classes). Importing this module starts nothing: no Ray, no
+DeepSpeed, no I/O.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # the image members a sample may hold, in preference order
+JPEG_EXTS = ("jpg", "jpeg")
+IMAGE_FORMATS = ("pil", "tensor")
+
+# torchvision's JPEG decoder, looked up once per process (False: not yet; None: missing, PIL
+# decodes everything). The only module state: the Loader looks it up before it starts loader
+# workers, so forked workers inherit it instead of importing torchvision's ops again.
+_jpeg_decoder: Callable | None | bool = False
+
+
+class DataError(RuntimeError):
+    """A user-facing data problem (missing manifest, empty dataset, corrupt shard, a bad sample...).
+
+    Defined here, at the bottom of the data flow, so that a sample that does not decode is one
+    of them; `ssl_dist.data` re-exports it as `data.DataError`.
+    """
+
+
+class DecodeError(DataError, ValueError):
+    """One raw sample is not a good sample.
+
+    `problem` is what follows the sample's key, as `sample_problems` reports it (".jpg: image
+    does not decode (...)", ".cls: b'x' is not an integer class index", ": no image member ...").
+    str() is the stream's message for a skipped sample, which keeps its wording of before
+    ("KEY.jpg: image does not decode (...)", "KEY: .cls b'x' is not an integer class index").
+    """
+
+    def __init__(self, key: str, member: str, reason: str, *, field: bool = False):
+        self.key, self.member, self.reason = key, member, reason
+        super().__init__(f"{key}: {member} {reason}" if field else f"{key}{member}: {reason}")
+
+    @property
+    def problem(self) -> str:
+        return f"{self.member}: {self.reason}"
+
+
+def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """torchvision's libjpeg-turbo decoder as a function of a uint8 byte tensor -> uint8 RGB (3, H, W),
+    or None where it is missing (then PIL decodes everything).
+
+    Calls the registered op directly: `torchvision.io.decode_jpeg` (deprecated since torchvision
+    0.29 in favour of torchcodec, which this project does not ship) adds a deprecation warning and
+    checks that cost as much as decoding a 32 x 32 JPEG. It is checked once against PIL on a tiny
+    image, so a torchvision whose op differs falls back to PIL instead of failing every sample.
+    The result is cached per process.
+    """
+    global _jpeg_decoder
+    if _jpeg_decoder is False:
+        _jpeg_decoder = None
+        try:
+            from PIL import Image
+            from torchvision.io import ImageReadMode
+
+            overload = torch.ops.image.decode_jpeg.default
+            op = getattr(overload, "_op", overload)  # the C++ function itself, without the Python dispatch layer
+            mode = ImageReadMode.RGB.value
+
+            def decode(data: torch.Tensor) -> torch.Tensor:
+                return op(data, mode, False)
+
+            probe = io.BytesIO()
+            Image.new("RGB", (8, 8), (200, 30, 60)).save(probe, format="JPEG")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch notes once per process that bytes are read-only
+                decoded = decode(torch.frombuffer(probe.getvalue(), dtype=torch.uint8))
+            expected = np.asarray(Image.open(io.BytesIO(probe.getvalue())).convert("RGB"))
+            if np.array_equal(decoded.permute(1, 2, 0).numpy(), expected):
+                _jpeg_decoder = decode
+        except Exception:  # no torchvision image ops: PIL it is
+            _jpeg_decoder = None
+    return _jpeg_decoder
+
+
+def decode_image(data: bytes, ext: str) -> torch.Tensor:
+    """An encoded image -> uint8 RGB tensor (3, H, W); raises (any exception) if it does not decode.
+
+    JPEGs go through torchvision's libjpeg-turbo decoder (the pixels PIL gives, at a third of
+    the cost); other formats, and JPEGs that decoder rejects, through PIL.
+    """
+    decode = jpeg_decoder() if ext in JPEG_EXTS else None
+    if decode is not None:
+        try:
+            return decode(torch.frombuffer(data, dtype=torch.uint8))
+        except (RuntimeError, ValueError):
+            pass  # PIL decides
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def to_pil(image: torch.Tensor):
+    """uint8 (3, H, W) tensor -> PIL RGB image."""
+    from PIL import Image
+
+    array = image.permute(1, 2, 0).contiguous().numpy()
+    return Image.frombuffer("RGB", (array.shape[1], array.shape[0]), array, "raw", "RGB", 0, 1)
+
+
+def image_member(key: str, fields: dict[str, bytes]) -> str:
+    """The extension of the member that is the sample's image: the first of IMAGE_EXTS it holds. Raises
+    DecodeError when it holds none."""
+    if "jpg" in fields:  # the common case, without a generator
+        return "jpg"
+    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    if ext is None:
+        raise DecodeError(key, "", f"no image member ({'/'.join(IMAGE_EXTS)}), only "
+                                   f"{', '.join(sorted(fields)) or 'none'}")
+    return ext
+
+
+def _image(key: str, data: bytes, ext: str) -> torch.Tensor:
+    """The image member decoded, uint8 (3, H, W); DecodeError if it does not decode."""
+    try:
+        return decode_image(data, ext)
+    except Exception as exc:  # PIL raises many types for a broken file
+        raise DecodeError(key, f".{ext}", f"image does not decode ({type(exc).__name__}: "
+                                          f"{str(exc).split(' <_io.')[0]})") from None
+
+
+def field_value(key: str, ext: str, value: bytes) -> Any:
+    """A member other than the image, decoded: `.cls` -> int, `.json` -> parsed, `.txt` -> str (UTF-8),
+    anything else stays bytes. Raises DecodeError when it does not decode."""
+    if ext == "cls":
+        try:
+            return int(value)  # ASCII digits, surrounding whitespace allowed
+        except ValueError:
+            raise DecodeError(key, ".cls", f"{value[:20]!r} is not an integer class index", field=True) from None
+    if ext == "json":
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise DecodeError(key, ".json", f"does not parse ({exc})", field=True) from None
+    if ext == "txt":
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DecodeError(key, ".txt", f"is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                              field=True) from None
+    return value
+
+
+def _decode(key: str, fields: dict[str, bytes], pil: bool) -> dict[str, Any]:
+    ext = image_member(key, fields)
+    data = fields[ext]
+    image = _image(key, data, ext)
+    sample = {"__key__": key, "image": to_pil(image) if pil else image, "image_bytes": data}
+    for name, value in fields.items():
+        if name != ext:
+            sample[name] = field_value(key, name, value)
+    return sample
+
+
+def decode_samples(samples: list[tuple[str, dict[str, bytes]]], image_format: str = "pil") -> list:
+    """Decode raw samples (runs in the loader workers, and wherever a sample is decoded); each entry
+    becomes a sample dict (see `decode_sample`) or a string saying why it cannot be decoded
+    ("KEY.jpg: image does not decode (...)")."""
+    pil = image_format == "pil"
+    out: list = []
+    for key, fields in samples:
+        try:
+            out.append(_decode(key, fields, pil))
+        except DecodeError as exc:
+            out.append(str(exc))
+    return out
+
+
+def decode_sample(key: str, fields: dict[str, bytes], image_format: str = "pil") -> dict[str, Any]:
+    """{ext: bytes} -> {"__key__", "image": PIL.Image (RGB) or, with image_format="tensor", a uint8
+    (3, H, W) tensor, "image_bytes": the encoded image, "cls": int, "json": parsed, "txt": str, other
+    fields as bytes}. Raises DecodeError (a DataError) if it cannot be decoded."""
+    return _decode(key, fields, image_format == "pil")
+
+
+def sample_problems(key: str, fields: dict[str, bytes], num_classes: int | None = None) -> list[str]:
+    """The problems of one raw sample, each a string that follows its key; [] for a good sample.
+
+    The same decoding as the stream: a sample with a problem here is one the stream skips,
+    and the other way round, except for what only the manifest knows: with `num_classes`
+    (the manifest lists classes), a `.cls` outside 0..num_classes-1 and a missing `.cls` are
+    problems too. Unlike the stream, which stops at a sample's first problem, every member
+    is looked at.
+    """
+    problems = []
+    try:
+        ext = image_member(key, fields)
+        _image(key, fields[ext], ext)
+    except DecodeError as exc:
+        ext = None if not exc.member else exc.member[1:]
+        problems.append(exc.problem)
+    label = None
+    for name, value in fields.items():
+        if name == ext:
+            continue
+        try:
+            decoded = field_value(key, name, value)
+        except DecodeError as exc:
+            problems.append(exc.problem)
+        else:
+            label = decoded if name == "cls" else label
+    if num_classes is not None:
+        if "cls" not in fields:
+            problems.append(": no .cls member although the manifest lists classes")
+        elif label is not None and not 0 <= label < num_classes:
+            problems.append(f".cls: class {label} outside the manifest's {num_classes} classes")
+    return problems
