@@ -1,5 +1,39 @@
-"""Write, index and check WebDataset shards and their manifest (being split out of make.py)."""
+"""Write, index and check WebDataset shards and their manifest.
 
-from ssl_dist.shards.make import (MANIFEST, ShardError, check_shards, group_samples, index_shards,  # noqa: F401
-                                  make_shards, parse_members, parse_samples, read_manifest, read_offsets,
-                                  sample_ranges)
+A dataset is a folder URL (local path, ``s3://``, ``gs://``) holding:
+
+- ``shard-000000.tar``, ...: tar files in WebDataset layout. Each sample is a run of adjacent
+  members ``KEY.EXT`` sharing one KEY (`samples`); shards made here hold ``KEY.cls`` and
+  ``KEY.<image ext>`` (`make`), as GNU tar without PAX headers (`tar`).
+- ``shard-000000.idx``, one sidecar per shard: little-endian uint64, one per sample, the byte
+  offset in the tar of the header of the sample's FIRST member (`manifest`).
+- ``index.json``, the manifest, written last::
+
+    {"format": "ssl_dist.shards/1",
+     "shards": [{"url": "shard-000000.tar", "num_samples": 5000, "size": 12697600,
+                 "index": "shard-000000.idx"}, ...],     # url and index relative to the folder
+     "num_samples": 50000,
+     "classes": ["airplane", ...],                       # absent when unknown (index_shards)
+     "created": "2025-01-01T00:00:00Z"}
+
+Modules: `manifest` (the manifest and the one sidecar reader), `tar` (tar headers, read and
+written), `samples` (members grouped into samples, sample byte ranges, the stream's batch
+parser), `make` (``ssl-dist shards make``), `index` (``ssl-dist shards index``), `check`
+(``ssl-dist shards check``), `errors` (ShardError).
+
+Callers: ``ssl_dist.cli`` (``ssl-dist shards make|index|check``) and the data stream
+(``read_manifest``, ``read_offsets``, ``sample_ranges``, ``parse_samples``; ``parse_members`` and
+``group_samples`` for one sample at a time). Importing this package reads nothing and starts
+nothing.
+"""
+
+from ssl_dist.shards.check import check_shards
+from ssl_dist.shards.errors import ShardError
+from ssl_dist.shards.index import index_shards
+from ssl_dist.shards.make import make_shards
+from ssl_dist.shards.manifest import FORMAT, MANIFEST, read_manifest, read_offsets
+from ssl_dist.shards.samples import group_samples, parse_samples, sample_ranges
+from ssl_dist.shards.tar import parse_members
+
+__all__ = ["FORMAT", "MANIFEST", "ShardError", "check_shards", "group_samples", "index_shards", "make_shards",
+           "parse_members", "parse_samples", "read_manifest", "read_offsets", "sample_ranges"]

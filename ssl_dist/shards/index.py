@@ -1,0 +1,69 @@
+"""``ssl-dist shards index``: sidecars and a manifest for shards made elsewhere (webdataset,
+img2dataset, any tar in WebDataset layout)."""
+
+from __future__ import annotations
+
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
+
+from ssl_dist import storage
+from ssl_dist.shards.errors import ShardError
+from ssl_dist.shards.manifest import new_manifest, write_manifest, write_offsets
+from ssl_dist.shards.samples import split_name
+from ssl_dist.shards.tar import iter_tar
+
+
+def index_shards(url: str, *, workers: int = 8, storage_options: dict | None = None) -> dict:
+    """Write sidecars and a manifest for the ``*.tar`` shards directly under `url`.
+
+    For shards made elsewhere, in any WebDataset layout (USTAR, GNU or PAX headers, e.g. from
+    webdataset's TarWriter). Each shard is streamed once, never loaded whole; `workers` threads
+    scan shards in parallel. Samples are grouped by WebDataset's key rule; shards without
+    samples are left out of the manifest. Classes are unknown here, so the manifest has none.
+    Returns the manifest dict. Called by ``ssl-dist shards index``.
+    """
+    fs, root = storage.filesystem(url, storage_options)
+    with storage.translate_errors(url):
+        paths = sorted(fs.glob(root + "/*.tar"))
+    if not paths:
+        raise ShardError(f"no *.tar shards directly under {url}: point URL at the folder that holds the shards")
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        entries = list(pool.map(lambda path: index_one_shard(fs, path, url), paths))
+    entries = [entry for entry in entries if entry["num_samples"] > 0]
+    if not entries:
+        raise ShardError(f"the shards under {url} hold no samples in WebDataset layout (members KEY.EXT)")
+    manifest = new_manifest(entries, classes=None)
+    write_manifest(fs, root, url, manifest)
+    return manifest
+
+
+def index_one_shard(fs, path: str, url: str) -> dict:
+    """Stream one tar, write its sidecar, return its manifest entry."""
+    name = posixpath.basename(path)
+    with storage.translate_errors(url):
+        size = fs.size(path)
+        with fs.open(path, "rb") as f:
+            offsets = scan_sample_offsets(f, size, storage.join(url, name))
+        index = name[:-len(".tar")] + ".idx"
+        write_offsets(fs, posixpath.join(posixpath.dirname(path), index), offsets)
+    return {"url": name, "num_samples": len(offsets), "size": size, "index": index}
+
+
+def scan_sample_offsets(f, size: int, where: str) -> list[int]:
+    """Offsets of each sample's first member header, reading `f` once from start to end."""
+    offsets = []
+    key, exts = None, set()
+    try:
+        for entry in iter_tar(f, size):
+            split = split_name(entry.name)
+            if split is None:
+                continue
+            if split[0] != key:
+                key, exts = split[0], set()
+                offsets.append(entry.offset)  # of its PAX/long-name header, if it has one
+            if split[1] in exts:
+                raise ShardError(f"member {entry.name} appears twice in sample {key}")
+            exts.add(split[1])
+    except ShardError as exc:
+        raise ShardError(f"{where}: {exc}: replace or delete this shard, then index again") from None
+    return offsets

@@ -1,0 +1,128 @@
+"""The manifest (``index.json``) and the sidecars: reading, validating and writing them.
+
+The manifest's shape is in the package docstring. A sidecar (``shard-000000.idx``, one per
+shard) holds one little-endian uint64 per sample: the byte offset in the tar of the header of
+the sample's FIRST member (for a member with a PAX or GNU long-name header, the offset of that
+extended header). `read_offsets` is the one reader of sidecars (the data stream and
+`check_shards` use it), `write_offsets` the one writer (`make_shards`, `index_shards`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from datetime import datetime, timezone
+
+import numpy as np
+from fsspec.implementations.local import LocalFileSystem
+
+from ssl_dist import storage
+from ssl_dist.shards.errors import ShardError
+
+FORMAT = "ssl_dist.shards/1"
+MANIFEST = "index.json"
+
+
+def read_manifest(url: str, storage_options: dict | None = None) -> dict:
+    """Load and validate ``URL/index.json``; returns it as a dict (shape in the package docstring).
+
+    Raises ShardError when it is missing, not JSON, of another format, or lists no samples.
+    Called by the data stream and by `check_shards`.
+    """
+    fs, root = storage.filesystem(url, storage_options)
+    with storage.translate_errors(url):
+        try:
+            text = fs.cat_file(posixpath.join(root, MANIFEST))
+        except FileNotFoundError:
+            raise ShardError(f"no {MANIFEST} at {url}: make shards with `ssl-dist shards make SRC {url}` or index "
+                             f"existing ones with `ssl-dist shards index {url}`") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as exc:
+        raise ShardError(f"{storage.join(url, MANIFEST)} is not valid JSON ({exc}): re-create it with "
+                         f"`ssl-dist shards index {url}`") from None
+    validate_manifest(manifest, url)
+    return manifest
+
+
+def validate_manifest(manifest, url: str) -> None:
+    """Raise ShardError unless `manifest` has the documented shape and at least one sample."""
+    fix = f"re-create it with `ssl-dist shards index {url}`"
+    where = storage.join(url, MANIFEST)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ShardError(f"{where} has format {found!r}, expected {FORMAT!r}: {fix}")
+    shards = manifest.get("shards")
+    fields = {"url": str, "num_samples": int, "size": int, "index": str}
+    if not isinstance(shards, list) or not all(
+            isinstance(s, dict) and all(isinstance(s.get(k), t) for k, t in fields.items()) for s in shards):
+        raise ShardError(f"{where}: 'shards' must be a list of {{url, num_samples, size, index}}: {fix}")
+    total = sum(s["num_samples"] for s in shards)
+    if total == 0:
+        raise ShardError(f"{where} lists no samples: make shards with `ssl-dist shards make SRC {url}`")
+    if manifest.get("num_samples") != total:
+        raise ShardError(f"{where}: num_samples is {manifest.get('num_samples')} but its shards hold {total}: {fix}")
+
+
+def new_manifest(entries: list[dict], classes: list[str] | None) -> dict:
+    """The manifest dict for these shard entries (shape in the package docstring)."""
+    manifest = {"format": FORMAT, "shards": entries, "num_samples": sum(e["num_samples"] for e in entries)}
+    if classes is not None:
+        manifest["classes"] = list(classes)
+    manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return manifest
+
+
+def write_manifest(fs, root: str, url: str, manifest: dict) -> None:
+    """Write ``index.json``, one shard per line; locally through a rename, so it is never half-written."""
+    shards = ",\n  ".join(json.dumps(shard) for shard in manifest["shards"])
+    fields = [f'"shards": [\n  {shards}\n ]' if key == "shards" else f"{json.dumps(key)}: {json.dumps(value)}"
+              for key, value in manifest.items()]
+    text = ("{" + ",\n ".join(fields) + "}\n").encode("utf-8")
+    path = posixpath.join(root, MANIFEST)
+    with storage.translate_errors(url):
+        if isinstance(fs, LocalFileSystem):
+            fs.pipe_file(path + ".tmp", text)
+            os.replace(path + ".tmp", path)
+        else:
+            fs.pipe_file(path, text)  # an object-store PUT is atomic
+
+
+def read_offsets(url: str, shard: dict, storage_options: dict | None = None, *, fs=None, first: int = 0,
+                 stop: int | None = None) -> np.ndarray:
+    """The byte offsets of samples ``first..stop-1`` (default: all) of one shard, from its sidecar.
+
+    `shard` is a ``manifest["shards"]`` entry of the dataset at `url`. The one reader of
+    sidecars: `check_shards` reads each whole; the data stream passes its own filesystem `fs`
+    (one per loader process) and, for a sidecar too large to read whole, the range it needs,
+    of which only those bytes are read. Returns a uint64 array of ``stop - first`` offsets.
+    Raises ShardError when the sidecar is missing or its length disagrees with the manifest,
+    StorageError for rejected credentials or an unreachable store; other errors of the store
+    are raised as they come (the stream retries them).
+    """
+    count = shard["num_samples"]
+    stop = count if stop is None else stop
+    if not 0 <= first <= stop <= count:
+        raise ValueError(f"samples {first}..{stop} of a shard of {count}")
+    whole = (first, stop) == (0, count)
+    if fs is None:
+        fs, _ = storage.filesystem(url, storage_options)
+    where = storage.join(url, shard["index"])  # fsspec takes the URL itself, protocol and all
+    fix = f"re-create it with `ssl-dist shards index {url}`"
+    with storage.translate_errors(url):
+        try:
+            data = fs.cat_file(where) if whole else fs.cat_file(where, start=8 * first, end=8 * stop)
+        except FileNotFoundError:
+            raise ShardError(f"sidecar {where} is missing: {fix}") from None
+    if whole and len(data) != 8 * count:
+        raise ShardError(f"sidecar {where} holds {len(data) / 8:g} offsets but the manifest says {count} samples: "
+                         f"{fix}")
+    if len(data) != 8 * (stop - first):
+        raise ShardError(f"sidecar {where} is shorter than the manifest's {count} samples say: {fix}")
+    return np.frombuffer(data, dtype="<u8").astype(np.uint64)
+
+
+def write_offsets(fs, path: str, offsets: list[int]) -> None:
+    """Write a sidecar: `offsets` as little-endian uint64 (callers translate storage errors)."""
+    fs.pipe_file(path, np.asarray(offsets, dtype="<u8").tobytes())
