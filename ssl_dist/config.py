@@ -15,10 +15,22 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+# Built-in methods by name (ssl_dist/methods/ maps each to its class); a config may also
+# name a Method subclass of the user's own as package.module:Class.
+BUILTIN_METHODS = ("simclr",)
+
+# Keys that existed once: a config (or a checkpoint's saved config) that names one gets
+# the message; a saved config drops them silently, since it was valid when written.
+REMOVED_KEYS = {
+    "loss.name": "loss.name was removed: the method decides its loss (method.name=simclr is NT-Xent); "
+                 "delete loss.name from the config",
+}
 
 
 class ConfigError(ValueError):
@@ -64,9 +76,13 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    name: str = "simclr"
+    """Pretraining method: simclr, or `package.module:Class` naming a subclass of ssl_dist.methods.Method of your own (it ships with the run; see ssl_dist/methods/base.py)."""
+
+
+@dataclass
 class LossConfig:
-    name: Literal["nt_xent"] = "nt_xent"
-    """Contrastive loss; negatives come from every worker."""
     temperature: float = 0.2
     """Softmax temperature of NT-Xent."""
     chunk_size: int = 0
@@ -171,6 +187,8 @@ class EvalConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Where the shards are and how they are streamed."""
+    method: MethodConfig = field(default_factory=MethodConfig)
+    """What a batch becomes (views, tokens), which towers, which loss."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Encoder and projection head."""
     loss: LossConfig = field(default_factory=LossConfig)
@@ -223,6 +241,9 @@ class Config:
             raise ConfigError(f"loss.chunk_size={self.loss.chunk_size}: must be 0 (whole) or positive")
         if self.optim.grad_clip < 0:
             raise ConfigError(f"optim.grad_clip={self.optim.grad_clip}: must be 0 (no clipping) or positive")
+        if self.method.name not in BUILTIN_METHODS and not re.fullmatch(r"[\w.]+:\w+", self.method.name):
+            raise ConfigError(f"method.name={self.method.name!r}: allowed values are "
+                              f"{', '.join(BUILTIN_METHODS)}, or package.module:Class for a method of your own")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
 
@@ -285,6 +306,10 @@ def merge(cfg: Any, updates: dict, *, origin: str, prefix: str = "") -> Any:
     changes = {}
     for key, value in updates.items():
         dotted = f"{prefix}{key}"
+        if dotted in REMOVED_KEYS:
+            if origin == SAVED:
+                continue
+            raise ConfigError(f"{REMOVED_KEYS[dotted]} (from {origin})")
         if key not in fields:
             raise ConfigError(f"unknown config key {dotted!r} (from {origin}); allowed keys here: "
                               f"{', '.join(prefix + k for k in fields)}")
@@ -335,9 +360,12 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+SAVED = "saved config"  # the origin of a config read back from a run folder or checkpoint
+
+
 def from_dict(data: dict) -> Config:
     """Inverse of `to_dict`, validated (used to carry the config to Ray workers and checkpoints)."""
-    cfg = merge(Config(), data, origin="saved config")
+    cfg = merge(Config(), data, origin=SAVED)
     cfg.validate()
     return cfg
 

@@ -11,11 +11,14 @@ import math
 import torch
 
 
-def deepspeed_config(cfg, world_size: int) -> dict:
-    """The DeepSpeed JSON config for a `config.Config` run on `world_size` ranks."""
+def deepspeed_config(cfg, world_size: int, micro_batch: int | None = None) -> dict:
+    """The DeepSpeed JSON config for a `config.Config` run on `world_size` ranks of
+    `micro_batch` samples each (default data.batch_size; a resumed run on another number of
+    workers passes the per-worker batch of its `checkpoint.BatchPlan`)."""
+    micro_batch = micro_batch or cfg.data.batch_size
     ds = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "train_batch_size": cfg.data.batch_size * world_size * cfg.train.accumulate,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size * cfg.train.accumulate,
         "gradient_accumulation_steps": cfg.train.accumulate,
         "zero_optimization": {"stage": cfg.train.zero_stage},
         # Our optimizers are torch's own: DeepSpeed only vouches for its fused ones.
@@ -52,7 +55,7 @@ def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str = "
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_engine(model: torch.nn.Module, cfg, world_size: int):
+def build_engine(model: torch.nn.Module, cfg, world_size: int, micro_batch: int | None = None):
     """Wrap `model` in a DeepSpeed engine; every rank calls this (it is collective).
 
     The process group must already exist (Ray Train made it); DeepSpeed adopts it.
@@ -67,5 +70,5 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int):
         opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                                     schedule=cfg.optim.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg, world_size))
+                                           config=deepspeed_config(cfg, world_size, micro_batch))
     return engine

@@ -44,6 +44,8 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("data.batch_size=0", "must be at least 1"),
     ("train=3", "is a section"),
     ("max_steps", "not of the form section.key=value"),
+    ("method.name=byol", "allowed values are simclr, or package.module:Class"),
+    ("loss.name=nt_xent", "loss.name was removed: the method decides its loss"),
 ])
 def test_wrong_values_are_one_clear_error(override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -89,3 +91,18 @@ def test_quickstart_yaml_is_the_embedded_default():
 
     shipped = config.load(ROOT / "jobs" / "configs" / "quickstart.yaml")
     assert shipped == config.merge(config.Config(), QUICKSTART, origin="test")
+
+
+def test_a_saved_config_with_a_removed_key_still_loads():
+    # Checkpoints written before loss.name went carry it in their saved config.
+    saved = config.to_dict(config.Config())
+    saved["loss"]["name"] = "nt_xent"
+    assert config.from_dict(saved) == config.Config()
+
+
+def test_builtin_method_names_are_the_methods_package():
+    from ssl_dist import methods
+
+    assert tuple(methods.BUILTIN) == config.BUILTIN_METHODS
+    for name in methods.BUILTIN:
+        assert methods.resolve(name).name == name

@@ -1,5 +1,6 @@
-"""The loop's optimizer step in a real 2-rank DeepSpeed engine (gloo): gradient caching over
-k micro-batches gives the same update as one step over the whole batch."""
+"""The loop's optimizer step (`ssl_dist/step.py`) in a real 2-rank DeepSpeed engine (gloo):
+gradient caching over k micro-batches gives the same update as one step over the whole batch,
+for SimCLR and for a method whose loss reads a learnable scale (method state in the module)."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
-    from ssl_dist.train import contrastive_step
+    from ssl_dist.methods.simclr import SimCLR
+    from ssl_dist.step import optimizer_step
 
     join_group(rank, port)
     micro = batches_of(rank)
@@ -65,7 +67,7 @@ def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:
                                  "optim.momentum=0", "optim.weight_decay=0", "optim.warmup_steps=0",
                                  "loss.temperature=0.5", "loss.chunk_size=5", "train.max_steps=10"])
         engine = build_engine(tiny_model(), cfg, WORLD)
-        loss = contrastive_step(engine, batches, cfg)
+        loss = optimizer_step(engine, SimCLR(cfg), batches)
         params = [p.detach().clone() for p in engine.module.parameters()]
         if zero_stage == 3:
             from deepspeed import zero
@@ -96,7 +98,8 @@ def run_precision(rank: int, port: int, out: dict) -> None:
 
     from ssl_dist.engine import build_engine
     from ssl_dist.model import build_model
-    from ssl_dist.train import contrastive_step
+    from ssl_dist.methods.simclr import SimCLR
+    from ssl_dist.step import optimizer_step
 
     join_group(0, port, world=1)
     g = torch.Generator().manual_seed(7)
@@ -108,7 +111,7 @@ def run_precision(rank: int, port: int, out: dict) -> None:
         engine = build_engine(build_model(cfg.model), cfg, 1)
         bn = engine.module.encoder.bn1
         stats_before = bn.running_mean.detach().float().clone()
-        loss = contrastive_step(engine, [dict(batch)], cfg)
+        loss = optimizer_step(engine, SimCLR(cfg), [dict(batch)])
         out[precision] = {"loss": float(loss), "stats_dtype": bn.running_mean.dtype,
                           "stats_moved": not torch.allclose(bn.running_mean.float(), stats_before)}
     dist.destroy_process_group()
@@ -128,7 +131,8 @@ def run_clipping(rank: int, port: int, out: dict) -> None:
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
-    from ssl_dist.train import contrastive_step
+    from ssl_dist.methods.simclr import SimCLR
+    from ssl_dist.step import optimizer_step
 
     join_group(rank, port)
     batch = {k: torch.cat([b[k] for b in batches_of(rank)]) for k in ("view1", "view2")}
@@ -140,7 +144,7 @@ def run_clipping(rank: int, port: int, out: dict) -> None:
         model = tiny_model()
         before = [p.detach().clone() for p in model.parameters()]
         engine = build_engine(model, cfg, WORLD)
-        contrastive_step(engine, [batch], cfg)
+        optimizer_step(engine, SimCLR(cfg), [batch])
         update = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, engine.module.parameters())])
         if rank == 0:
             out[str(clip)] = update
@@ -162,7 +166,8 @@ def run_masking(rank: int, port: int, out: dict) -> None:
     import torch.distributed as dist
 
     from ssl_dist.engine import build_engine
-    from ssl_dist.train import contrastive_step
+    from ssl_dist.methods.simclr import SimCLR
+    from ssl_dist.step import optimizer_step
 
     join_group(rank, port)
     whole = {k: torch.cat([b[k] for b in batches_of(rank)]) for k in ("view1", "view2")}
@@ -191,7 +196,7 @@ def run_masking(rank: int, port: int, out: dict) -> None:
             model = tiny_model()
             before = [p.detach().clone() for p in model.parameters()]
             engine = build_engine(model, cfg, WORLD)
-            contrastive_step(engine, [batch] if accumulate == 1 else micro(batch), cfg)
+            optimizer_step(engine, SimCLR(cfg), [batch] if accumulate == 1 else micro(batch))
             if rank == 0:
                 out[f"{name}{accumulate}"] = [b - p.detach() for b, p in zip(before, engine.module.parameters())]
     dist.barrier()
@@ -206,3 +211,65 @@ def test_invalid_slot_gives_the_update_of_the_batch_without_it():
         for got, want in zip(results[f"masked{accumulate}"], results[f"removed{accumulate}"]):
             assert want.abs().max() > 1e-4
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+class ScaledModel(torch.nn.Module):
+    """tiny_model plus method state: CLIP's learnable log inverse temperature, shape (1,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = tiny_model()
+        self.logit_scale = torch.nn.Parameter(torch.full((1,), 2.0))
+
+    def forward(self, views):
+        return self.net(views), self.logit_scale
+
+
+def scaled_method():
+    """A method whose loss reads its module's learnable scale through forward's outputs, as
+    CLIP and SigLIP will: gradient caching must send the scale's gradient through the engine."""
+    from ssl_dist.loss import clip_loss
+    from ssl_dist.methods import Method
+
+    class Scaled(Method):
+        def forward(self, engine, batch):
+            z, scale = engine(torch.cat([batch["view1"], batch["view2"]]))
+            z1, z2 = z.chunk(2)
+            return z1, z2, scale
+
+        def loss(self, outputs, valid):
+            z1, z2, scale = outputs
+            return clip_loss(z1, z2, scale)
+
+    return Scaled
+
+
+def run_scaled(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.step import optimizer_step
+
+    join_group(rank, port)
+    micro = batches_of(rank)
+    whole = [{k: torch.cat([b[k] for b in micro]) for k in ("view1", "view2")}]
+    for name, accumulate, batches, batch_size in (("whole", 1, whole, MICRO * ACCUMULATE),
+                                                  ("cached", ACCUMULATE, micro, MICRO)):
+        cfg = config.load(None, [f"data.batch_size={batch_size}", f"train.accumulate={accumulate}",
+                                 "train.zero_stage=2", "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0",
+                                 "optim.weight_decay=0", "optim.warmup_steps=0", "train.max_steps=10"])
+        engine = build_engine(ScaledModel(), cfg, WORLD)
+        loss = optimizer_step(engine, scaled_method()(cfg), batches)
+        if rank == 0:
+            out[name] = (float(loss), {n: p.detach().clone() for n, p in engine.module.named_parameters()})
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_gradient_caching_carries_the_gradient_of_method_state():
+    results = spawn_ranks(run_scaled)
+    (loss_whole, p_whole), (loss_cached, p_cached) = results["whole"], results["cached"]
+    assert loss_cached == pytest.approx(loss_whole, rel=1e-5)
+    assert abs(float(p_whole["logit_scale"]) - 2.0) > 1e-3  # the step moved the scale...
+    for name, a in p_whole.items():
+        torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=1e-6)  # ...and each parameter the same both ways
