@@ -1,23 +1,19 @@
 """Evaluation of an encoder: features of labeled shards, then kNN top-1 and linear-probe top-1.
 
-Reads checkpoints without Ray or a DeepSpeed engine: the fp32 weights are consolidated from
-the ZeRO shards with DeepSpeed's own `zero_to_fp32`. During training, `knn_during_training`
-scores the live model on small labeled sets, every rank embedding its share.
+Reads checkpoints without Ray or a DeepSpeed engine: the fp32 weights come from
+`checkpoint.weights` (consolidated from the ZeRO shards with DeepSpeed's own `zero_to_fp32`
+where needed). During training, `knn_during_training` scores the live model on small
+labeled sets, every rank embedding its share.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
-import tempfile
-from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 
-from ssl_dist import config as config_lib
 from ssl_dist import data, storage
 from ssl_dist.augment import EvalView
 from ssl_dist.model import ContrastiveModel, build_model
@@ -118,34 +114,12 @@ def knn_accuracy(model: ContrastiveModel, train_url: str, test_url: str, *, imag
 
 def load_checkpoint_model(checkpoint_url: str, storage_options: dict | None = None) -> tuple[ContrastiveModel, object]:
     """(model with the checkpoint's fp32 weights, its config) from a checkpoint folder URL."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from ssl_dist.checkpoint import CheckpointError, weights
 
-    from ssl_dist.checkpoint import META, TAG
-
-    options = storage_options if storage_options is not None else storage.storage_options(checkpoint_url)
-    fs, path = storage.filesystem(checkpoint_url, options)
-    with storage.translate_errors(checkpoint_url):
-        if not fs.exists(f"{path}/{META}"):
-            raise EvaluationError(f"{checkpoint_url} is not a checkpoint (no {META}): pass a checkpoint-NNNNNNNN "
-                                  f"folder of a run")
-        with tempfile.TemporaryDirectory(prefix="ssl-dist-eval-") as tmp:
-            fs.get(f"{path}/", tmp + "/", recursive=True)
-            meta = json.loads((Path(tmp) / META).read_text())
-            cfg = config_lib.from_dict(meta["config"])
-            if cfg.train.zero_stage == 0 or (cfg.train.zero_stage < 3 and cfg.train.precision == "fp32"):
-                # The module's weights are whole (and, but for stage 0 in bf16, the fp32 masters
-                # themselves) in rank 0's model file: tensors only, so loaded without unpickling objects.
-                try:
-                    state = torch.load(Path(tmp) / TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                                       weights_only=True)["module"]
-                except pickle.UnpicklingError as err:
-                    raise EvaluationError(f"{checkpoint_url}: its model file holds objects other than tensors "
-                                          f"({str(err).splitlines()[-1][:200]}); refusing to unpickle it") from None
-            else:
-                # ZeRO-3 partitions, or bf16 runs whose fp32 masters are in the optimizer shards:
-                # DeepSpeed's own consolidation, which must unpickle its optimizer files (they hold
-                # DeepSpeed objects, e.g. its LossScaler); only load checkpoints you wrote.
-                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=TAG)
+    try:
+        state, cfg = weights.fp32_state_dict(checkpoint_url, storage_options)
+    except CheckpointError as err:  # not a checkpoint, or a model file that is more than tensors
+        raise EvaluationError(str(err)) from None
     model = build_model(cfg.model)
     model.load_state_dict(state)
     return model, cfg

@@ -12,8 +12,9 @@ channel counts). Loading needs neither DeepSpeed nor Ray (see the README):
     model = torchvision.models.get_model(spec["arch"], num_classes=spec["feature_dim"]).eval()
     model.load_state_dict(safetensors.torch.load_file("OUT/encoder.safetensors"))
 
-The fp32 weights are consolidated from the ZeRO shards with DeepSpeed's own `zero_to_fp32`
-(through `evaluate.load_checkpoint_model`), whatever the number of workers that wrote them.
+The fp32 weights come from `checkpoint.weights` (through `evaluate.load_checkpoint_model`,
+which builds the model), consolidated from the ZeRO shards with DeepSpeed's own
+`zero_to_fp32` where needed, whatever the number of workers that wrote them.
 """
 
 from __future__ import annotations

@@ -143,10 +143,10 @@ def test_checkpoint_model_file_is_loaded_without_unpickling_objects(tmp_path):
 def test_every_torch_load_states_how_much_it_unpickles():
     """Each torch.load in the library says weights_only explicitly; evaluation's is True."""
     calls = []
-    for path in sorted((ROOT / "ssl_dist").glob("*.py")):
+    for path in sorted((ROOT / "ssl_dist").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
                 flag = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("weights_only")
                 calls.append((path.name, node.lineno, flag))
     assert calls and all(flag in ("True", "False") for _, _, flag in calls), calls
-    assert all(flag == "True" for name, _, flag in calls if name == "evaluate.py"), calls
+    assert all(flag == "True" for name, _, flag in calls if name in ("evaluate.py", "weights.py")), calls

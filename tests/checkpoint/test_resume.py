@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from checkpoint_fakes import fake_checkpoint
 
@@ -57,3 +59,41 @@ def test_a_checkpoint_of_another_model_or_an_unsplittable_batch_is_refused_befor
     launch.prepare_resume(config.load(None, [*base, "model.arch=resnet34"]), True, {}, say=said.append)
     assert said == [f"{tmp_path}/run holds checkpoints up to step 4: the run resumes from its newest complete one "
                     f"(--no-resume starts it over)"]
+
+
+def test_batch_plan_keeps_the_runs_global_batch_on_any_worker_count(tmp_path):
+    from ssl_dist import config
+
+    cfg = config.load(None, ["data.batch_size=16", "run.num_workers=2"])
+    assert checkpoint.decide_batch(cfg, 2, None) == checkpoint.BatchPlan(global_batch=32, per_worker=16, note=None)
+    assert checkpoint.decide_batch(cfg, 4, None) == checkpoint.BatchPlan(32, 8, None)  # an elastic start on 4
+
+    # A checkpoint's target wins over this config's batch_size x num_workers.
+    info = checkpoint.inspect(fake_checkpoint(tmp_path, 4))  # target_global_batch 32
+    bigger = config.load(None, ["data.batch_size=64", "run.num_workers=1"])
+    assert checkpoint.decide_batch(bigger, 1, info) == checkpoint.BatchPlan(32, 32, None)
+    plan = checkpoint.decide_batch(bigger, 3, info)  # round_down, the default
+    assert (plan.global_batch, plan.per_worker) == (32, 10) and "a global batch of 30" in plan.note
+    keep = config.load(None, ["data.batch_size=16", "train.indivisible_batch=keep_per_worker"])
+    plan = checkpoint.decide_batch(keep, 3, info)
+    assert (plan.global_batch, plan.per_worker) == (32, 16) and "a global batch of 48" in plan.note
+    strict = config.load(None, ["data.batch_size=16", "train.indivisible_batch=error"])
+    with pytest.raises(checkpoint.CheckpointError, match="global batch of 32 does not divide among 3 workers"):
+        checkpoint.decide_batch(strict, 3, info)
+
+
+def test_batch_plan_of_a_checkpoint_older_than_its_target_record(tmp_path):
+    from ssl_dist import config
+
+    saved = config.to_dict(config.load(None, ["data.batch_size=8", "run.num_workers=3"]))
+    folder = fake_checkpoint(tmp_path, 4, config=saved)
+    meta_path = tmp_path / "checkpoint-00000004" / checkpoint.META
+    meta = json.loads(meta_path.read_text())
+    del meta["target_global_batch"]
+    meta_path.write_text(json.dumps(meta))
+    part = tmp_path / "checkpoint-00000004" / checkpoint.part_file(0)
+    files = json.loads(part.read_text())
+    files["files"][checkpoint.META] = meta_path.stat().st_size
+    part.write_text(json.dumps(files))
+    plan = checkpoint.decide_batch(config.load(None, []), 2, checkpoint.inspect(folder))
+    assert plan == checkpoint.BatchPlan(global_batch=24, per_worker=12, note=None)  # 8 x 3, as it ran

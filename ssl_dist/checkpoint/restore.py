@@ -1,0 +1,186 @@
+"""Loading a checkpoint into a running engine and loader, on any number of workers.
+
+Restoring on the world size that wrote the checkpoint downloads only what a rank needs
+(its own ZeRO shard, not everyone's). On another world size, one rank per node downloads
+the whole checkpoint and converts it with DeepSpeed's universal checkpoint
+(`ds_to_universal`), which every rank of that node then loads (`load_universal`): that is
+the resharding. The stream state is resharded by `Loader.load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ssl_dist import collective, storage
+from ssl_dist.checkpoint.layout import META, TAG, CheckpointError, CheckpointInfo, TrainState, rng_file, stream_file
+
+
+def restore(info: CheckpointInfo, *, engine, loader, rank: int, world_size: int, local_rank: int = 0,
+            options: dict | None = None, group=None) -> tuple[TrainState, dict]:
+    """Load a complete checkpoint into this rank's engine and loader. Every rank calls it
+    (it is collective). Returns (state, timings in seconds: download, convert, load)."""
+    fs, path = storage.filesystem(info.url, options)
+    reshard = info.world_size != world_size and engine.zero_optimization_stage() > 0
+    token = collective.broadcast(uuid.uuid4().hex if rank == 0 else None, group)
+    with tempfile.TemporaryDirectory(prefix="ssl-dist-restore-") as own:
+        # Small files every rank reads: the stream state of every old rank, its own RNG state.
+        small = [META, *[stream_file(r) for r in range(info.world_size)]]
+        if rank < info.world_size and rng_file(rank) in info.parts[rank]:
+            small.append(rng_file(rank))
+        if reshard:
+            timings = _load_resharded(info, engine, fs, path, small, own, token=token, world_size=world_size,
+                                      local_rank=local_rank, group=group)
+        else:
+            timings = _load_own_shard(info, engine, fs, path, small, own, rank=rank)
+        own = Path(own)
+        meta = json.loads((own / META).read_text())
+        loader.load_state_dict([json.loads((own / stream_file(r)).read_text()) for r in range(info.world_size)])
+        if (own / rng_file(rank)).exists():
+            set_rng_state(torch.load(own / rng_file(rank), weights_only=True))
+    return TrainState(step=meta["step"], samples_seen=meta["samples_seen"]), timings
+
+
+def _load_own_shard(info: CheckpointInfo, engine, fs, path: str, small: list[str], own: str, *, rank: int) -> dict:
+    """Same world size: this rank downloads its own ZeRO shard (and the small files) and loads."""
+    timings = {"download_s": 0.0, "convert_s": 0.0, "load_s": 0.0}
+    started = time.monotonic()
+    _download(fs, path, small + _deepspeed_files_for(info, rank), own)
+    timings["download_s"] = time.monotonic() - started
+    started = time.monotonic()
+    load_path, _ = engine.load_checkpoint(own, tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {info.url}/{TAG}")
+    timings["load_s"] = time.monotonic() - started
+    return timings
+
+
+def _load_resharded(info: CheckpointInfo, engine, fs, path: str, small: list[str], own: str, *, token: str,
+                    world_size: int, local_rank: int, group) -> dict:
+    """Another world size: one rank per node downloads everything and converts it into a
+    universal checkpoint in a folder the node's ranks share (named by rank 0's `token`);
+    then every rank loads its share. A failure on any rank stops every rank."""
+    timings = {"download_s": 0.0, "convert_s": 0.0, "load_s": 0.0}
+    started = time.monotonic()
+    _download(fs, path, small, own)
+    shared = Path(tempfile.gettempdir()) / f"ssl-dist-universal-{token}"
+    failure = None
+    if local_rank == 0:
+        try:
+            everything = sorted({f for part in info.parts for f in part if f.startswith(TAG + "/")})
+            _download(fs, path, everything, str(shared / "raw"))
+            timings["download_s"] = time.monotonic() - started
+            started = time.monotonic()
+            to_universal(shared / "raw" / TAG, shared / "universal" / TAG)
+            timings["convert_s"] = time.monotonic() - started
+        except Exception as err:  # noqa: BLE001 (every rank must learn of it, or the others wait forever)
+            failure = err
+        finally:
+            shutil.rmtree(shared / "raw", ignore_errors=True)
+    if not collective.all_ok(failure is None, group):
+        if local_rank == 0:
+            shutil.rmtree(shared, ignore_errors=True)
+        if failure is not None:
+            raise CheckpointError(f"converting {info.url} (written by {info.world_size} workers) for "
+                                  f"{world_size} workers failed: {failure}") from failure
+        raise CheckpointError(f"converting {info.url} for {world_size} workers failed on another node")
+    started = time.monotonic()
+    try:
+        load_universal(engine, shared / "universal")
+    finally:
+        dist.barrier(group=group)  # the node's ranks have all read the shared folder
+        if local_rank == 0:
+            shutil.rmtree(shared, ignore_errors=True)
+    timings["load_s"] = time.monotonic() - started
+    return timings
+
+
+def _deepspeed_files_for(info: CheckpointInfo, rank: int) -> list[str]:
+    """The DeepSpeed files rank `rank` reads when the world size is unchanged: its own ZeRO
+    shards and the shared model states (not the other ranks' optimizer shards)."""
+    mine = re.compile(rf"(?:^|_)zero_pp_rank_{rank}_")
+    anyone = re.compile(r"(?:^|_)zero_pp_rank_\d+_")
+    files = set()
+    for part in info.parts:
+        for rel in part:
+            if not rel.startswith(TAG + "/"):
+                continue
+            base = rel.rsplit("/", 1)[-1]
+            if mine.search(base) or not anyone.search(base):
+                files.add(rel)
+    return sorted(files)
+
+
+def _download(fs, path: str, files: list[str], local: str) -> None:
+    """Fetch `files` (relative to the checkpoint folder `path`) into the local folder `local`."""
+    for rel in files:
+        Path(local, rel).parent.mkdir(parents=True, exist_ok=True)
+    with storage.translate_errors(path):
+        fs.get([f"{path}/{rel}" for rel in files], [str(Path(local, rel)) for rel in files])
+
+
+def to_universal(source: str | Path, target: str | Path) -> None:
+    """Convert a DeepSpeed ZeRO checkpoint tag folder into a universal checkpoint folder.
+
+    `--inject_missing_state`: DeepSpeed only writes the universal-checkpoint info for models
+    that declare it (Megatron); a plain torch module needs it added. One process, no pool:
+    this runs inside a Ray worker.
+    """
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(target), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()):  # per-parameter progress bars and prints
+        ds_to_universal(args)
+
+
+def load_universal(engine, directory: str | Path) -> None:
+    """Load the universal checkpoint `directory/<TAG>` into `engine`, whatever its world size.
+
+    `load_universal` is a DeepSpeed config flag that only its load path reads, so it is
+    switched on around this one load (the engine was built before we knew). DeepSpeed
+    restores parameters and optimizer state from the universal files but not the module's
+    buffers (BatchNorm statistics): those come from rank 0's model states.
+    """
+    directory = Path(directory)
+    config = engine._config  # noqa: SLF001 (DeepSpeed has no public setter for this flag)
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        load_path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = previous
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no universal checkpoint in {directory}")
+    states = sorted((directory / TAG).glob("*mp_rank_00_model_states.pt"))
+    rank0 = [p for p in states if p.name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")]
+    module_state = torch.load((rank0 or states)[0], map_location="cpu", weights_only=False)["module"]
+    with torch.no_grad():
+        for name, buffer in engine.module.named_buffers():
+            if name in module_state:
+                buffer.copy_(module_state[name])
+
+
+def set_rng_state(state: dict) -> None:
+    """Put back the RNG states that `save.rng_state` recorded (tensors and ints only)."""
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))

@@ -1,0 +1,69 @@
+"""fp32 weights of a checkpoint without an engine, never unpickling objects."""
+
+from __future__ import annotations
+
+import ast
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_dist import checkpoint, config
+from ssl_dist.checkpoint import weights
+from ssl_dist.model import build_model
+
+PACKAGE = Path(checkpoint.__file__).parent
+
+
+class Exploit:
+    """Unpickling this runs code (writes a file)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "pwned"))
+
+
+def model_checkpoint(folder: Path, module_state, *overrides) -> str:
+    cfg = config.load(None, ["model.proj_hidden_dim=32", "model.proj_dim=8", *overrides])
+    (folder / checkpoint.TAG).mkdir(parents=True)
+    (folder / checkpoint.META).write_text(json.dumps({"step": 1, "samples_seen": 1, "world_size": 1,
+                                                      "config": config.to_dict(cfg)}))
+    torch.save({"module": module_state}, folder / checkpoint.TAG / "mp_rank_00_model_states.pt")
+    return str(folder)
+
+
+def test_whole_module_weights_and_the_checkpoints_config(tmp_path):
+    model = build_model(config.load(None, ["model.proj_hidden_dim=32", "model.proj_dim=8"]).model)
+    state, cfg = weights.fp32_state_dict(model_checkpoint(tmp_path / "c", model.state_dict(), "train.zero_stage=1"))
+    assert cfg.train.zero_stage == 1 and cfg.model.proj_dim == 8
+    assert state.keys() == model.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_file_with_objects_is_refused_and_not_unpickled(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    bad = model_checkpoint(tmp_path / "bad", {"w": Exploit(marker)}, "train.zero_stage=2")
+    with pytest.raises(checkpoint.CheckpointError, match="refusing to unpickle"):
+        weights.fp32_state_dict(bad)
+    assert not marker.exists() and pickle.dumps(Exploit(marker))
+
+
+def test_a_folder_without_meta_is_no_checkpoint(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint"):
+        weights.fp32_state_dict(str(tmp_path))
+
+
+def test_every_torch_load_of_the_package_states_how_much_it_unpickles():
+    """Each torch.load says weights_only explicitly; those of weights.py and of the RNG state are True."""
+    calls = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                flag = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("weights_only")
+                calls.append((path.name, node.lineno, flag))
+    assert calls and all(flag in ("True", "False") for _, _, flag in calls), calls
+    assert [name for name, _, flag in calls if flag == "False"] == ["restore.py"], calls  # load_universal only
