@@ -164,9 +164,8 @@ def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print) -
         # What the workers would find out after a start-up, found out here in a second: a
         # checkpoint of another model, or a global batch the policy refuses to split.
         checkpoint.check_compatible(newest, cfg)
-        if not cfg.run.min_workers:
-            checkpoint.worker_batch(newest.global_batch, cfg.run.num_workers, cfg.data.batch_size,
-                                    cfg.train.indivisible_batch)
+        if not cfg.run.min_workers:  # elastic: the world size is only known when the workers start
+            checkpoint.decide_batch(cfg, cfg.run.num_workers, newest)
         say(f"{url} holds checkpoints up to step {newest.step}: the run resumes from its newest complete one "
             f"(--no-resume starts it over)")
 
