@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, ssl_dist_cli
+from runs import ssl_dist_cli
+from services import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port
 
 from ssl_dist import cli, metrics, plots, storage
 
@@ -198,7 +199,7 @@ def test_submitted_arguments_round_trip_the_resolved_config():
 
     from ssl_dist import config, submit
 
-    cfg = config.load(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "cifar10-cluster.yaml",
+    cfg = config.load(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "cifar10-cluster.yaml",
                       ["optim.weight_decay=1.0e-5", "run.name='true'", "data.train_url=s3://b/a b:c",
                        "storage.endpoint_url=http://minio:9000/#x"])
     command = shlex.split(submit.entrypoint(submit.DEFAULT_ENTRYPOINT, submit.config_arguments(cfg)))

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from PIL import Image
-from conftest import ssl_dist_cli
+from runs import ssl_dist_cli
 
 from ssl_dist import metrics, storage
 
@@ -106,7 +106,7 @@ def test_missing_bucket_is_a_clear_error(cifar_shards_s3, tmp_path):
 
 
 def test_wrong_credentials_are_a_clear_error(tmp_path):
-    from conftest import start_moto
+    from services import start_moto
 
     # A second moto server that checks credentials (IAM auth from the first request on):
     # keys it does not know are refused, as AWS refuses them.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import registered_checkpoint, ssl_dist_cli, train_workers
+from runs import registered_checkpoint, ssl_dist_cli, train_workers
 
 from ssl_dist import checkpoint, metrics, storage
 
@@ -33,7 +33,7 @@ RUN = [
     "optim.lr=0.002", "optim.warmup_steps=3", "train.log_every=1", "train.log_keys=true",
     f"train.checkpoint_every={EVERY}", "run.cpus_per_worker=1", "run.keep_checkpoints=2", "run.max_failures=2",
 ]
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -284,7 +284,7 @@ with torch.no_grad():
 
 
 def test_export_loads_into_plain_torchvision_with_the_engines_embeddings(cifar_shards_s3, references, tmp_path):
-    from conftest import free_port
+    from services import free_port
 
     reference = references(1)
     ckpt = storage.join(reference, checkpoint.checkpoint_name(MAX_STEPS))
