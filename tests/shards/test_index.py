@@ -1,0 +1,61 @@
+"""index_shards on shards made elsewhere (webdataset's TarWriter, PAX headers) and copied to S3 (moto)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from shard_readers import header_kinds, ranged_samples, webdataset_samples
+
+from ssl_dist import shards, storage
+from ssl_dist.shards import ShardError
+
+
+def test_index_shards_written_by_webdataset(source, expected, tmp_path):
+    import webdataset as wds
+
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    items = sorted(expected.items())
+    for number in range(3):
+        with wds.TarWriter(str(folder / f"part-{number}.tar")) as writer:
+            for key, (image, label) in items[number::3]:
+                writer.write({"__key__": key, "jpg": image, "cls": str(label).encode()})
+    assert b"x" in header_kinds(folder / "part-0.tar")  # TarWriter writes PAX headers
+
+    manifest = shards.index_shards(str(folder), workers=2)
+    assert set(manifest) == {"format", "shards", "num_samples", "created"}  # classes unknown
+    assert [s["url"] for s in manifest["shards"]] == ["part-0.tar", "part-1.tar", "part-2.tar"]
+    assert [s["index"] for s in manifest["shards"]] == ["part-0.idx", "part-1.idx", "part-2.idx"]
+    assert manifest["num_samples"] == 200
+
+    by_ranges = ranged_samples(str(folder), manifest)
+    by_webdataset = webdataset_samples(folder, manifest)
+    assert [key for key, _ in by_ranges] == [s["__key__"] for s in by_webdataset]
+    assert sorted(key for key, _ in by_ranges) == sorted(expected)
+    for key, fields in by_ranges:
+        assert fields["jpg"] == expected[key][0]
+    offsets = shards.read_offsets(str(folder), manifest["shards"][0])
+    assert offsets.dtype == np.uint64 and offsets[0] == 0
+    assert shards.check_shards(str(folder))["problems"] == []
+
+
+def test_index_shards_on_s3_matches_make(local, bucket):
+    dest, made = local
+    url = f"s3://{bucket}/copied"
+    fs, root = storage.filesystem(url, storage.storage_options(url))
+    for shard in made["shards"]:
+        fs.put_file(str(dest / shard["url"]), f"{root}/{shard['url']}")
+    indexed = shards.index_shards(url, storage_options=storage.storage_options(url))
+    assert indexed["shards"] == made["shards"]
+    for shard in made["shards"]:
+        assert fs.cat_file(f"{root}/{shard['index']}") == (dest / shard["index"]).read_bytes()
+
+
+def test_index_without_shards_is_clear(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "index.json").write_text(json.dumps({"format": "ssl_dist.shards/1", "shards": [],
+                                                             "num_samples": 0}))
+    with pytest.raises(ShardError, match="no \\*.tar shards"):
+        shards.index_shards(str(tmp_path / "bad"))
