@@ -3,7 +3,7 @@ authentication on and reach S3 without keys; nothing a job sends carries credent
 checkpoint's model file is loaded without unpickling objects.
 
 The end-to-end check (a real run's folder, its captured logs, the jobs' runtime environments
-and Ray's own log files grepped for the test's credentials) is in test_jobs.py.
+and Ray's own log files grepped for the test's credentials) is in e2e/test_jobs.py.
 """
 
 from __future__ import annotations

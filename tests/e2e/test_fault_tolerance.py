@@ -321,16 +321,3 @@ def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "--resume: nothing to resume in" in done.stderr and "nothing-here" in done.stderr
     assert "Traceback" not in done.stderr
-
-
-def test_min_workers_makes_an_elastic_range_for_ray_train():
-    import ray.train
-
-    from ssl_dist import config, launch
-
-    fixed = config.load(None, ["run.num_workers=3"])
-    elastic = config.load(None, ["run.num_workers=3", "run.min_workers=1"])
-    assert launch.worker_range(fixed) == 3 and launch.worker_range(elastic) == (1, 3)
-    assert ray.train.ScalingConfig(num_workers=launch.worker_range(elastic)).elasticity_enabled
-    with pytest.raises(config.ConfigError, match="run.min_workers=4"):
-        config.load(None, ["run.num_workers=3", "run.min_workers=4"])
