@@ -3,7 +3,6 @@ what is wrong."""
 
 from __future__ import annotations
 
-import io
 import posixpath
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +10,6 @@ import numpy as np
 
 from ssl_dist import storage
 from ssl_dist.shards.errors import ShardError
-from ssl_dist.shards.make import IMAGE_EXTENSIONS
 from ssl_dist.shards.manifest import read_manifest, read_offsets
 from ssl_dist.shards.samples import group_samples, sample_ranges
 from ssl_dist.shards.tar import parse_members
@@ -24,10 +22,11 @@ def check_shards(url: str, *, workers: int = 4, storage_options: dict | None = N
 
     For each shard of the manifest: its size and sample count against the manifest, the
     sidecar offsets, then every sample through a ranged read + `parse_members` +
-    `group_samples`; each image is decoded with PIL and each ``.cls`` parsed as an int (within
-    the manifest's classes when it has them). Returns ``{"shards": int, "samples": int (samples
-    read), "problems": [str, ...]}``, each problem naming the shard and, where known, the key.
-    Called by ``ssl-dist shards check``.
+    `group_samples`, judged by `decode.sample_problems` (the stream's own decoding of the
+    image, ``.cls``, ``.json`` and ``.txt``: a sample passes here exactly when the stream
+    decodes it), each ``.cls`` within the manifest's classes when it has them. Returns
+    ``{"shards": int, "samples": int (samples read), "problems": [str, ...]}``, each problem
+    naming the shard and, where known, the key. Called by ``ssl-dist shards check``.
     """
     manifest = read_manifest(url, storage_options)
     fs, root = storage.filesystem(url, storage_options)
@@ -79,6 +78,11 @@ def check_offsets(offsets: np.ndarray, size: int, where: str) -> list[str]:
 def check_samples(f, offsets: np.ndarray, size: int, where: str, num_classes: int | None,
                   problems: list[str]) -> int:
     """Read each sample's range in order, parse and decode it, add to `problems`; returns samples read."""
+    # Imported here: decode imports torch, which `ssl-dist shards make` and the driver (which
+    # reads manifests) have no use for. The same rules as the stream's, so check passes exactly
+    # the samples the stream decodes.
+    from ssl_dist.decode import sample_problems
+
     if len(offsets) and offsets[0] > 0:
         problems += check_prologue(f, int(offsets[0]), where)
     count, previous = 0, "the start"
@@ -97,7 +101,7 @@ def check_samples(f, offsets: np.ndarray, size: int, where: str, num_classes: in
             continue
         key, fields = samples[0]
         count, previous = count + 1, key
-        problems += [f"{where}: {key}{problem}" for problem in check_sample(fields, num_classes)]
+        problems += [f"{where}: {key}{problem}" for problem in sample_problems(key, fields, num_classes)]
     return count
 
 
@@ -109,32 +113,3 @@ def check_prologue(f, length: int, where: str) -> list[str]:
     except ShardError as exc:
         return [f"{where}: bytes before the first sample: {exc}"]
     return [f"{where}: {len(stray)} samples before the first sidecar offset (e.g. {stray[0][0]})"] if stray else []
-
-
-def check_sample(fields: dict[str, bytes], num_classes: int | None) -> list[str]:
-    """Problems of one sample, each to follow its key: an image that does not decode, a bad label."""
-    from PIL import Image
-
-    problems = []
-    exts = [ext for ext in IMAGE_EXTENSIONS if ext in fields]
-    if not exts:
-        problems.append(f": no image member ({'/'.join(IMAGE_EXTENSIONS)}), only {', '.join(sorted(fields))}")
-    for ext in exts:
-        stream = io.BytesIO(fields[ext])
-        try:
-            with Image.open(stream) as image:
-                image.load()
-        except Exception as exc:  # PIL raises many types for a broken file
-            reason = str(exc).replace(f" {stream!r}", "")  # "cannot identify image file <_io.BytesIO ...>"
-            problems.append(f".{ext}: image does not decode ({type(exc).__name__}: {reason})")
-    if "cls" in fields:
-        try:
-            label = int(fields["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            problems.append(f".cls: {fields['cls'][:20]!r} is not an integer class index")
-        else:
-            if num_classes is not None and not 0 <= label < num_classes:
-                problems.append(f".cls: class {label} outside the manifest's {num_classes} classes")
-    elif num_classes is not None:
-        problems.append(": no .cls member although the manifest lists classes")
-    return problems

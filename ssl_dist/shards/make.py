@@ -24,7 +24,8 @@ from ssl_dist.shards.errors import ShardError
 from ssl_dist.shards.manifest import MANIFEST, new_manifest, write_manifest, write_offsets
 from ssl_dist.shards.tar import iter_tar, member_tar_bytes, tar_file_bytes, tar_member
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # what the data stream decodes
+# The image files make_shards packs (decode.IMAGE_EXTS, what the stream decodes, holds each; tested).
+SOURCE_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 
 def make_shards(src: str, dest: str, *, samples_per_shard: int | None = None, shard_bytes: int = 256 * 2**20,
@@ -74,8 +75,9 @@ def list_source(src: str) -> tuple[list[str], list[SourceImage]]:
     found = [(path, size, where) for path, size, where in files if is_class_image(path)]
     if not found:
         kind = "tar" if os.path.isfile(src) else "folder"
-        raise ShardError(f"empty source {kind} {src}: no images ({', '.join('.' + e for e in IMAGE_EXTENSIONS)}) "
-                         f"in class folders SRC/<class>/...; point SRC at what holds the class folders")
+        types = ", ".join("." + ext for ext in SOURCE_IMAGE_EXTENSIONS)
+        raise ShardError(f"empty source {kind} {src}: no images ({types}) in class folders SRC/<class>/...; point "
+                         f"SRC at what holds the class folders")
     classes = sorted({path.split("/", 1)[0] for path, _, _ in found})
     label = {name: index for index, name in enumerate(classes)}
     images = sorted(source_image(path, size, where, label) for path, size, where in found)
@@ -133,7 +135,7 @@ def is_class_image(path: str) -> bool:
 def image_ext(path: str) -> str | None:
     """The lower-case image extension of `path`, or None if it is not an image we read."""
     ext = posixpath.splitext(path)[1][1:].lower()
-    return ext if ext in IMAGE_EXTENSIONS else None
+    return ext if ext in SOURCE_IMAGE_EXTENSIONS else None
 
 
 def source_image(path: str, size: int, where, label: dict[str, int]) -> SourceImage:

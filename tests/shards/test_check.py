@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import re
 import shutil
 import tarfile
 
-from ssl_dist import shards
+from shard_readers import image_bytes
+
+from ssl_dist import decode, shards
 
 
 def test_check_reports_corrupt_image_and_truncated_shard(local, tmp_path):
@@ -44,3 +47,40 @@ def test_check_reports_bad_label_and_missing_sidecar(local, tmp_path):
     problems = "\n".join(shards.check_shards(str(broken))["problems"])
     assert "shard-000002.tar: " in problems and ".cls: b'x' is not an integer class index" in problems
     assert "shard-000003.tar: sidecar" in problems and "shard-000003.idx is missing" in problems
+
+
+def test_check_judges_samples_as_the_stream_decodes_them(tmp_path, expected):
+    """A sample the stream skips is a problem for `shards check`, one it decodes is not: both ask decode.py.
+
+    Each of these samples was judged the other way by check's own rules before (PIL on every
+    image member of 4 types, .json and .txt not looked at).
+    """
+    jpg = next(iter(expected.values()))[0]
+    samples = {
+        "good/ppm": {"cls": b"1", "ppm": image_bytes("PPM")},  # image types the stream decodes...
+        "good/bmp": {"bmp": image_bytes("BMP")},  # ...that check called 'no image member'
+        "good/second": {"jpg": jpg, "png": b"not the image"},  # the stream takes the .jpg, the rest stays bytes
+        "good/json": {"jpg": jpg, "json": b'{"caption": "a plane"}'},
+        "bad/json": {"jpg": jpg, "json": b"{not json"},  # the stream skips these two; check passed them
+        "bad/txt": {"jpg": jpg, "txt": b"\xff\xfe not UTF-8"},
+        "bad/jpg": {"cls": b"2", "jpg": b"no JPEG"},
+    }
+    folder = tmp_path / "made_elsewhere"
+    folder.mkdir()
+    with tarfile.open(folder / "part-0.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, fields in samples.items():
+            for ext, data in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    shards.index_shards(str(folder))
+
+    decoded = decode.decode_samples(list(samples.items()))
+    skipped = {key for key, sample in zip(samples, decoded) if isinstance(sample, str)}
+    assert skipped == {"bad/json", "bad/txt", "bad/jpg"}
+    report = shards.check_shards(str(folder))
+    assert report["samples"] == len(samples)
+    assert {re.match(r".*part-0\.tar: ([^.:]+)", problem).group(1) for problem in report["problems"]} == skipped
+    problems = "\n".join(report["problems"])
+    assert "bad/json.json: does not parse" in problems and "bad/txt.txt: is not UTF-8 text" in problems
+    assert "bad/jpg.jpg: image does not decode" in problems

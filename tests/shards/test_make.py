@@ -13,8 +13,9 @@ import tarfile
 import pytest
 from shard_readers import CLASSES, header_kinds, image_bytes, ranged_samples, webdataset_samples
 
-from ssl_dist import shards, storage
+from ssl_dist import decode, shards, storage
 from ssl_dist.shards import ShardError
+from ssl_dist.shards.make import SOURCE_IMAGE_EXTENSIONS
 
 
 def test_make_local_manifest_and_contents(local, expected):
@@ -159,3 +160,8 @@ def test_overwrite_replaces_old_shards(source, tmp_path):
     assert len(second["shards"]) == 2
     assert sorted(p.name for p in (tmp_path / "d").iterdir()) == [
         "index.json", "shard-000000.idx", "shard-000000.tar", "shard-000001.idx", "shard-000001.tar"]
+
+
+def test_make_packs_only_image_types_the_stream_decodes():
+    """Every image file make_shards packs is of a type the stream decodes (decode.py decides)."""
+    assert set(SOURCE_IMAGE_EXTENSIONS) <= set(decode.IMAGE_EXTS)
