@@ -25,29 +25,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def one_placement(cfg, url: str, steps: int, lookahead: bool = True) -> dict:
-    """Time `steps` training steps (the loop's own `contrastive_step`) fed by the stream."""
+    """Time `steps` training steps (the loop's own `optimizer_step` and SimCLR method) fed by the stream."""
     from ssl_dist import data
-    from ssl_dist.augment import Decode, TwoViews
     from ssl_dist.engine import build_engine
-    from ssl_dist.model import build_model
-    from ssl_dist.train import BatchViews, contrastive_step
+    from ssl_dist.methods.simclr import SimCLR
+    from ssl_dist.step import optimizer_step
 
     torch.manual_seed(0)
-    engine = build_engine(build_model(cfg.model), cfg, 1)
+    method = SimCLR(cfg, rank=0)
+    engine = build_engine(method.build_module(), cfg, 1)
     per_batch = cfg.data.augment == "per_batch"
     loader = data.make_loader(url, rank=0, world_size=1, batch_size=cfg.data.batch_size,
-                              num_workers=cfg.data.loader_workers, image_format="tensor" if per_batch else "pil",
-                              transform=Decode(cfg.data.image_size) if per_batch else TwoViews(cfg.data.image_size),
-                              lookahead=lookahead)
-    views = BatchViews(cfg, engine.device, rank=0) if per_batch else None
+                              num_workers=cfg.data.loader_workers, image_format=method.image_format,
+                              transform=method.sample_transform(), lookahead=lookahead)
     times, waits, norms, step = [], [], [], 0
     tick = time.perf_counter()
     while step < steps:
         for batch in loader:
             got = time.perf_counter()
-            if views is not None:
-                batch = views(batch, loader.epoch)
-            loss = contrastive_step(engine, [batch], cfg)
+            batch = method.on_device(batch, epoch=loader.epoch, device=engine.device)
+            loss = optimizer_step(engine, method, [batch])
             norms.append(engine.get_global_grad_norm())  # before clipping; read after the timing
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
@@ -65,7 +62,8 @@ def one_placement(cfg, url: str, steps: int, lookahead: bool = True) -> dict:
     return {"step_s": statistics.median(steady), "samples_per_s": cfg.data.batch_size * len(steady) / sum(steady),
             "data_wait": sum(wait) / sum(steady), "loss": loss.item(),
             "grad_norm": statistics.median(float("nan") if n is None else float(n) for n in norms[steps // 3:]),
-            "augment_ms": augment_ms(views.augment, cfg.data.batch_size, cfg.data.image_size, engine.device) if views else None}
+            "augment_ms": augment_ms(method.batch_views, cfg.data.batch_size, cfg.data.image_size, engine.device)
+            if per_batch else None}
 
 
 def augment_ms(views, batch_size: int, image_size: int, device) -> dict:

@@ -27,24 +27,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(cfg, url: str, steps: int) -> tuple[torch.nn.Module, dict]:
-    """`steps` training steps of the loop's own `contrastive_step`; returns (model, figures)."""
+    """`steps` training steps of the loop's own `optimizer_step` (SimCLR, per-batch views); returns (model, figures)."""
     from ssl_dist import data
-    from ssl_dist.augment import Decode
     from ssl_dist.engine import build_engine
-    from ssl_dist.model import build_model
-    from ssl_dist.train import BatchViews, contrastive_step
+    from ssl_dist.methods.simclr import SimCLR
+    from ssl_dist.step import optimizer_step
 
     torch.manual_seed(cfg.train.seed)
-    engine = build_engine(build_model(cfg.model), cfg, 1)
+    method = SimCLR(cfg, rank=0)
+    engine = build_engine(method.build_module(), cfg, 1)
     loader = data.make_loader(url, rank=0, world_size=1, batch_size=cfg.data.batch_size, seed=cfg.data.seed,
-                              num_workers=cfg.data.loader_workers, image_format="tensor",
-                              transform=Decode(cfg.data.image_size))
-    views = BatchViews(cfg, engine.device, rank=0)
+                              num_workers=cfg.data.loader_workers, image_format=method.image_format,
+                              transform=method.sample_transform())
     norms, losses, step = [], [], 0
     start = time.perf_counter()
     while step < steps:
         for batch in loader:
-            losses.append(contrastive_step(engine, [views(batch, loader.epoch)], cfg))
+            losses.append(optimizer_step(engine, method, [method.on_device(batch, epoch=loader.epoch,
+                                                                             device=engine.device)]))
             norms.append(engine.get_global_grad_norm())  # before clipping
             step += 1
             if step >= steps:

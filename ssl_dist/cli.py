@@ -202,9 +202,18 @@ def cmd_config(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `ssl-dist` argument parser: one sub-command per job, each handled by its cmd_ function."""
     parser = argparse.ArgumentParser(prog="ssl-dist", description="Contrastive self-supervised pretraining at scale.")
     sub = parser.add_subparsers()
+    add_run_commands(sub)
+    add_checkpoint_commands(sub)
+    add_job_commands(sub)
+    add_shard_commands(sub)
+    return parser
 
+
+def add_run_commands(sub) -> None:
+    """quickstart, pretrain, config: runs on this machine's Ray (or RAY_ADDRESS)."""
     p = sub.add_parser("quickstart", help="make a synthetic dataset, pretrain on local Ray, compare kNN to random init")
     p.add_argument("--out", default="runs/quickstart", help="folder for the data and the run (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=50")
@@ -220,6 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after --config")
     p.set_defaults(handler=cmd_pretrain)
 
+    p = sub.add_parser("config", help="print the resolved config (or every key with its documentation)")
+    p.add_argument("--config", help="YAML file overriding the defaults")
+    p.add_argument("--describe", action="store_true", help="list every key with its documentation")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(handler=cmd_config)
+
+
+def add_checkpoint_commands(sub) -> None:
+    """export, evaluate: read a checkpoint, no Ray needed."""
     p = sub.add_parser("export", help="write a checkpoint's encoder as fp32 safetensors + JSON (no DeepSpeed, no Ray "
                                       "needed to load it)")
     p.add_argument("checkpoint", help="checkpoint folder URL (…/checkpoint-NNNNNNNN), or a run folder (its newest "
@@ -239,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe-max-iter", type=int, default=1000, help="solver iterations of the probe (default: %(default)s)")
     p.set_defaults(handler=cmd_evaluate)
 
+
+def add_job_commands(sub) -> None:
+    """submit, status, logs, stop: a Ray cluster's Jobs API."""
     address_help = "Ray Jobs API of the cluster, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, else RAY_ADDRESS)"
     p = sub.add_parser("submit", help="submit a pretraining run to a Ray cluster (Jobs API), stream its logs, "
                                       "exit with its status")
@@ -272,12 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help=address_help)
     p.set_defaults(handler=cmd_stop)
 
-    p = sub.add_parser("config", help="print the resolved config (or every key with its documentation)")
-    p.add_argument("--config", help="YAML file overriding the defaults")
-    p.add_argument("--describe", action="store_true", help="list every key with its documentation")
-    p.add_argument("overrides", nargs="*")
-    p.set_defaults(handler=cmd_config)
 
+def add_shard_commands(sub) -> None:
+    """shards make / index / check."""
     shards = sub.add_parser("shards", help="make, index and check WebDataset shards").add_subparsers()
     p = shards.add_parser("make", help="image folder (ImageFolder layout) or a tar of one -> shards + index.json")
     p.add_argument("src")
@@ -295,7 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("url")
     p.add_argument("--workers", type=int, default=4)
     p.set_defaults(handler=cmd_shards_check)
-    return parser
 
 
 if __name__ == "__main__":

@@ -69,9 +69,29 @@ def preflight(cfg) -> tuple[dict, dict]:
     if total < cfg.data.batch_size * cfg.run.num_workers:
         raise LaunchError(f"{cfg.data.train_url} holds {total} samples, fewer than one global batch "
                           f"({cfg.data.batch_size} x {cfg.run.num_workers} workers): lower data.batch_size")
+    check_method(cfg, manifest)
     storage.check_writable_root(cfg.run.storage_path, storage_options)
     check_eval_sets(cfg)
     return data_options, storage_options
+
+
+def check_method(cfg, manifest: dict) -> None:
+    """`method.name` names a usable method, and the shards carry the fields it needs (where
+    the manifest lists its samples' fields)."""
+    from ssl_dist import decode, methods
+
+    try:
+        method = methods.resolve(cfg.method.name)
+    except methods.MethodError as err:
+        raise LaunchError(str(err)) from None
+    if "fields" not in manifest:
+        return
+    have = set(manifest["fields"]) | ({"image"} if set(manifest["fields"]) & set(decode.IMAGE_EXTS) else set())
+    missing = [name for name in method.fields if name not in have]
+    if missing:
+        raise LaunchError(f"method.name={cfg.method.name} needs the sample fields {', '.join(missing)}, and the "
+                          f"shards at {cfg.data.train_url} hold {', '.join(manifest['fields'])}: point "
+                          f"data.train_url at shards that carry them")
 
 
 def check_eval_sets(cfg) -> None:
@@ -104,10 +124,11 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     filesystem, path = storage.pyarrow_filesystem(cfg.run.storage_path, storage_options)
+    loop_config = {"config": cfg, "run_url": run_url(cfg), "data_options": data_options,
+                   "storage_options": storage_options, **user_method(cfg)}
     return TorchTrainer(
         train_loop,
-        train_loop_config={"config": config_lib.to_dict(cfg), "run_url": run_url(cfg),
-                           "data_options": data_options, "storage_options": storage_options},
+        train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=worker_range(cfg), use_gpu=cfg.run.use_gpu,
                                                resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
@@ -117,6 +138,24 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict):
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
         ),
     )
+
+
+def user_method(cfg) -> dict:
+    """{"method_class": the class} for a method of the user's own (`package.module:Class`),
+    pickled by value so that it ships with the run: the workers need not be able to import
+    the user's module (a notebook, a script beside the job). {} for a built-in method, which
+    the workers resolve by name."""
+    from ssl_dist import methods
+
+    if cfg.method.name in methods.BUILTIN:
+        return {}
+    import sys
+
+    import ray.cloudpickle
+
+    cls = methods.resolve(cfg.method.name)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[cls.__module__])
+    return {"method_class": cls}
 
 
 def train_loop(loop_config: dict) -> None:

@@ -29,7 +29,7 @@ class SimCLR(Method):
         super().__init__(cfg, rank=rank)
         self.per_batch = cfg.data.augment == "per_batch"
         self.image_format = "tensor" if self.per_batch else "pil"
-        self._batch_views: nn.Module | None = None  # made on the first batch, on its device
+        self.batch_views: nn.Module | None = None  # made on the first batch, on its device
 
     # augment and model import torchvision (and through it torch._dynamo: seconds of CPU):
     # imported where used, so that the driver, which resolves the method, never pays it.
@@ -49,13 +49,13 @@ class SimCLR(Method):
         """data.augment=per_batch: the uint8 (b, 3, S, S) "image" becomes "view1", "view2"."""
         if not self.per_batch:
             return batch
-        if self._batch_views is None:
+        if self.batch_views is None:
             from ssl_dist import augment
 
-            self._batch_views = augment.BatchTwoViews(self.cfg.data.image_size).to(device)
+            self.batch_views = augment.BatchTwoViews(self.cfg.data.image_size).to(device)
         torch.manual_seed(sample_seed(self.cfg.data.seed, epoch, f"batch{batch['__batch__']}/rank{self.rank}"))
         images = batch.pop("image").to(device, non_blocking=True)
-        batch["view1"], batch["view2"] = self._batch_views(images)
+        batch["view1"], batch["view2"] = self.batch_views(images)
         return batch
 
     def forward(self, engine, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
