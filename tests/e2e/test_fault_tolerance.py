@@ -5,6 +5,12 @@ cluster), real DeepSpeed on CPU, checkpoints in the moto S3 server.
 A run that fails and resumes must be indistinguishable from one that never failed: same
 final parameters (to float32 round-off) and the same sample keys at every step. The
 failure-free references run once per ZeRO stage and are shared by the tests.
+
+Most of a run's time on a CPU machine is start-up (driver, Ray Train's controller and its
+actors, workers importing torch and DeepSpeed), so runs that need nothing of each other are
+started together where they fit the cluster's 4 CPUs: the two references, and the two resumes
+on 1 and 3 workers. A test that kills a worker has the cluster to itself (it finds its victims
+among the cluster's training workers).
 """
 
 from __future__ import annotations
@@ -16,12 +22,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from runs import registered_checkpoint, ssl_dist_cli, train_workers
+from services import free_port
 
 from ssl_dist import checkpoint, metrics, storage
 
@@ -51,21 +59,49 @@ def run_url(shards, name):
     return f"s3://{shards['bucket']}/ft/{name}"
 
 
-def start(args, ray_address):
-    """The driver as a process of its own (so that it can be killed)."""
-    return subprocess.Popen([sys.executable, "-m", "ssl_dist.cli", *args],
-                            env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+class Driver:
+    """`ssl-dist pretrain` as a process of its own (so that it can be killed), its output read
+    as it comes by a thread (so that a test can wait for a line, and a full pipe never blocks it)."""
+
+    def __init__(self, args, ray_address):
+        self.proc = subprocess.Popen([sys.executable, "-m", "ssl_dist.cli", *args],
+                                     env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def poll(self):
+        return self.proc.poll()
+
+    def kill(self) -> None:
+        """SIGKILL: the whole job goes (driver, Ray Train controller, workers)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self.reader.join(timeout=30)
+
+    def wait(self, timeout=600) -> int:
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+        self.reader.join(timeout=30)
+        return self.proc.returncode
 
 
-def finish(driver, timeout=600) -> str:
-    try:
-        output, _ = driver.communicate(timeout=timeout)
-    finally:
-        if driver.poll() is None:
-            driver.kill()
-    assert driver.returncode == 0, output[-4000:]
-    return output
+def start(args, ray_address) -> Driver:
+    return Driver(args, ray_address)
+
+
+def finish(driver: Driver, timeout=600) -> str:
+    returncode = driver.wait(timeout)
+    assert returncode == 0, driver.output[-4000:]
+    return driver.output
 
 
 def wait_for_registered(url, driver, *, after_step=0, timeout=300) -> str:
@@ -74,7 +110,7 @@ def wait_for_registered(url, driver, *, after_step=0, timeout=300) -> str:
         name = registered_checkpoint(url)
         if name is not None and checkpoint.name_key(name)[0] > after_step:
             return name
-        assert driver.poll() is None, driver.stdout.read()[-4000:]
+        assert driver.poll() is None, driver.output[-4000:]
         assert time.monotonic() < deadline, f"no checkpoint registered after {timeout} s"
         time.sleep(0.2)
 
@@ -133,17 +169,22 @@ def copy_checkpoints(shards, source_name, target_name, names):
         fs.copy(src, run_url(shards, target_name)[5:] + "/" + name, recursive=True)
 
 
+REFERENCE_STAGES = (1, 3)
+
+
 @pytest.fixture(scope="module")
 def references(cifar_shards_s3, ray_address):
-    """Failure-free runs, one per ZeRO stage, made when first asked for."""
+    """Failure-free runs, one per ZeRO stage, made when first asked for: both at once (2
+    workers of 1 CPU each: together they fit the cluster's 4 CPUs)."""
     made = {}
 
     def reference(stage):
         if stage not in made:
-            name = f"reference-z{stage}"
-            done = ssl_dist_cli(*args_for(cifar_shards_s3, name, stage=stage), env={"RAY_ADDRESS": ray_address})
-            assert done.returncode == 0, done.stderr[-4000:]
-            made[stage] = run_url(cifar_shards_s3, name)
+            drivers = {s: start(args_for(cifar_shards_s3, f"reference-z{s}", stage=s), ray_address)
+                       for s in REFERENCE_STAGES if s not in made}
+            for s, driver in drivers.items():
+                finish(driver)
+                made[s] = run_url(cifar_shards_s3, f"reference-z{s}")
         return made[stage]
 
     yield reference
@@ -154,12 +195,59 @@ def references(cifar_shards_s3, ray_address):
 # ---- a killed worker, a killed driver ------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage", [1, 3])
-def test_killed_worker_resumes_as_if_nothing_happened(stage, cifar_shards_s3, ray_address, references):
-    reference = references(stage)
-    name = f"killed-worker-z{stage}"
+def wait_for_restarted(url, driver, timeout=300) -> int:
+    """Until Ray Train's second start of the worker group has done a step and its "resumed
+    from step N" has reached the driver; returns N."""
+    deadline = time.monotonic() + timeout
+    while True:
+        attempts = metrics.read_history(url)
+        if len(attempts) >= 2 and attempts[1]:
+            resumed_at = int(attempts[1][0]["step"]) - 1
+            if f"resumed from step {resumed_at}" in driver.output:
+                return resumed_at
+        assert driver.poll() is None, driver.output[-4000:]
+        assert time.monotonic() < deadline, f"the worker group did not resume in {timeout} s"
+        time.sleep(0.2)
+
+
+def test_killed_worker_then_killed_driver_resume_as_if_nothing_happened(cifar_shards_s3, ray_address, references):
+    """ZeRO-1: a worker killed (Ray Train restarts the group in the same job, from the
+    checkpoint it registered), then, while the restarted group trains, the whole job killed
+    (the same command again resumes it): one run, two failures, the keys and final parameters
+    of the failure-free run. A redone step must see the same keys every time (keys_per_step)."""
+    reference = references(1)
+    name = "killed-worker-then-driver"
     url = run_url(cifar_shards_s3, name)
-    driver = start(args_for(cifar_shards_s3, name, stage=stage), ray_address)
+    driver = start(args_for(cifar_shards_s3, name), ray_address)
+    wait_for_registered(url, driver)
+    victims = train_workers(ray_address)
+    assert len(victims) == 2
+    os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
+    worker_resumed_at = wait_for_restarted(url, driver)
+    assert worker_resumed_at % EVERY == 0 and worker_resumed_at >= EVERY
+
+    driver.kill()  # the whole job: driver, Ray Train controller, workers
+    wait_until_no_workers(ray_address)
+    assert checkpoint.newest_complete(url).step < MAX_STEPS
+
+    output = finish(start(args_for(cifar_shards_s3, name), ray_address))  # the same command again
+    assert "the run resumes" in output
+    resumed_at = int(re.search(r"resumed from step (\d+)", output).group(1))
+    assert worker_resumed_at <= resumed_at < MAX_STEPS
+
+    attempts = [[int(r["step"]) for r in rows] for rows in metrics.read_history(url)]
+    assert len(attempts) == 3, attempts
+    assert attempts[1][0] - 1 == worker_resumed_at and attempts[2][0] - 1 == resumed_at
+    assert attempts[2][-1] == MAX_STEPS
+    assert_same_run(url, reference)
+    drop(url)
+
+
+def test_killed_worker_at_zero3_resumes_as_if_nothing_happened(cifar_shards_s3, ray_address, references):
+    reference = references(3)
+    name = "killed-worker-z3"
+    url = run_url(cifar_shards_s3, name)
+    driver = start(args_for(cifar_shards_s3, name, stage=3), ray_address)
     wait_for_registered(url, driver)
     victims = train_workers(ray_address)
     assert len(victims) == 2
@@ -175,40 +263,37 @@ def test_killed_worker_resumes_as_if_nothing_happened(stage, cifar_shards_s3, ra
     drop(url)
 
 
-def test_killed_driver_then_rerun_resumes_as_if_nothing_happened(cifar_shards_s3, ray_address, references):
-    reference = references(1)
-    name = "killed-driver"
-    url = run_url(cifar_shards_s3, name)
-    driver = start(args_for(cifar_shards_s3, name), ray_address)
-    wait_for_registered(url, driver)
-    driver.send_signal(signal.SIGKILL)  # the whole job: driver, Ray Train controller, workers
-    driver.wait(timeout=60)
-    wait_until_no_workers(ray_address)
-    assert checkpoint.newest_complete(url).step < MAX_STEPS
-
-    output = finish(start(args_for(cifar_shards_s3, name), ray_address))  # the same command again
-    assert "the run resumes" in output
-    resumed_at = int(re.search(r"resumed from step (\d+)", output).group(1))
-    assert EVERY <= resumed_at < MAX_STEPS
-    assert_same_run(url, reference)
-    drop(url)
-
-
 # ---- another number of workers -------------------------------------------------------------
 
 
+RESIZE_MID, RESIZE_STEPS = 8, 14  # step 8: 2 batches into epoch 1; 14: into epoch 2
+
+
+@pytest.fixture(scope="module")
+def resized(cifar_shards_s3, ray_address, references):
+    """{workers: driver output} of the reference's 2-worker checkpoint at step 8 resumed on 1
+    and on 3 workers: both runs at once (1 + 3 workers of 1 CPU fit the cluster's 4 CPUs)."""
+    references(1)
+    drivers = {}
+    for workers in (1, 3):
+        name = f"resized-{workers}"
+        copy_checkpoints(cifar_shards_s3, "reference-z1", name, [checkpoint.checkpoint_name(RESIZE_MID)])
+        drivers[workers] = start(args_for(cifar_shards_s3, name, "--resume", workers=workers, steps=RESIZE_STEPS),
+                                 ray_address)
+    outputs = {workers: (driver.wait(), driver.output) for workers, driver in drivers.items()}
+    yield outputs
+    for workers in drivers:
+        drop(run_url(cifar_shards_s3, f"resized-{workers}"))
+
+
 @pytest.mark.parametrize("workers", [1, 3])
-def test_two_worker_checkpoint_resumes_on_other_worker_counts_exactly_once(workers, cifar_shards_s3, ray_address,
-                                                                           references):
+def test_two_worker_checkpoint_resumes_on_other_worker_counts_exactly_once(workers, cifar_shards_s3, references,
+                                                                           resized):
     reference = references(1)
-    mid, steps = 8, 14  # step 8: 2 batches into epoch 1; 14: into epoch 2
-    name = f"resized-{workers}"
-    copy_checkpoints(cifar_shards_s3, "reference-z1", name, [checkpoint.checkpoint_name(mid)])
-    url = run_url(cifar_shards_s3, name)
-    done = ssl_dist_cli(*args_for(cifar_shards_s3, name, "--resume", workers=workers, steps=steps),
-                        env={"RAY_ADDRESS": ray_address})
-    assert done.returncode == 0, done.stderr[-4000:]
-    output = done.stdout + done.stderr
+    mid, steps = RESIZE_MID, RESIZE_STEPS
+    url = run_url(cifar_shards_s3, f"resized-{workers}")
+    returncode, output = resized[workers]
+    assert returncode == 0, output[-4000:]
     assert f"resumed from step {mid} (epoch 1)" in output and f"resharded from 2 to {workers} workers" in output
     global_batch = 32 if workers == 1 else 30
     if workers == 3:  # 32 does not divide by 3: the default policy rounds down, and says so
@@ -226,7 +311,6 @@ def test_two_worker_checkpoint_resumes_on_other_worker_counts_exactly_once(worke
     assert 200 - len(epoch) < global_batch  # only a remainder smaller than one global batch is left out
     assert {row["epoch"] for row in after_rows} == {1, 2}  # and the next epoch began
     assert [int(r["step"]) for r in metrics.read_history(url)[0]] == list(range(mid + 1, steps + 1))
-    drop(url)
 
 
 # ---- a corrupt checkpoint --------------------------------------------------------------------
@@ -284,29 +368,33 @@ with torch.no_grad():
 
 
 def test_export_loads_into_plain_torchvision_with_the_engines_embeddings(cifar_shards_s3, references, tmp_path):
-    from services import free_port
-
     reference = references(1)
     ckpt = storage.join(reference, checkpoint.checkpoint_name(MAX_STEPS))
-    out = tmp_path / "encoder"
-    done = ssl_dist_cli("export", ckpt, str(out))
-    assert done.returncode == 0, done.stderr[-4000:]
-    spec = json.loads((out / "encoder.json").read_text())
-    assert spec["arch"] == "resnet18" and spec["feature_dim"] == 512 and spec["step"] == MAX_STEPS
-
     images = tmp_path / "images.pt"
     torch.save(torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0)), images)
-    # A fresh process with torchvision and safetensors only: the README's snippet, verbatim.
-    plain = f"import os, sys\nos.chdir({str(tmp_path)!r})\n" + readme_snippet() + textwrap.dedent("""
-        with torch.no_grad():
-            torch.save(model(torch.load("images.pt")), "images.pt.plain")
-        assert not {"deepspeed", "ray", "ssl_dist"} & set(sys.modules), "the snippet needs only torchvision"
-    """)
-    result = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = subprocess.run([sys.executable, "-c", ENGINE_EMBEDDINGS, ckpt, str(images), str(free_port())],
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    # The engine's embeddings in a process of its own, meanwhile (it needs the checkpoint only).
+    engine_process = subprocess.Popen([sys.executable, "-c", ENGINE_EMBEDDINGS, ckpt, str(images), str(free_port())],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out = tmp_path / "encoder"
+        done = ssl_dist_cli("export", ckpt, str(out))
+        assert done.returncode == 0, done.stderr[-4000:]
+        spec = json.loads((out / "encoder.json").read_text())
+        assert spec["arch"] == "resnet18" and spec["feature_dim"] == 512 and spec["step"] == MAX_STEPS
+
+        # A fresh process with torchvision and safetensors only: the README's snippet, verbatim.
+        plain = f"import os, sys\nos.chdir({str(tmp_path)!r})\n" + readme_snippet() + textwrap.dedent("""
+            with torch.no_grad():
+                torch.save(model(torch.load("images.pt")), "images.pt.plain")
+            assert not {"deepspeed", "ray", "ssl_dist"} & set(sys.modules), "the snippet needs only torchvision"
+        """)
+        result = subprocess.run([sys.executable, "-c", plain], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-4000:]
+        engine_output, _ = engine_process.communicate(timeout=300)
+    finally:
+        if engine_process.poll() is None:
+            engine_process.kill()
+    assert engine_process.returncode == 0, engine_output[-4000:]
     engine = torch.load(str(images) + ".engine")
     torch.testing.assert_close(torch.load(str(images) + ".plain"), engine, rtol=1e-5, atol=1e-6)
     assert engine.shape == (6, 512)
