@@ -1,56 +1,27 @@
 """The data stream over the real S3 protocol (moto server on 127.0.0.1) with real CIFAR JPEGs.
 
 Exactly-once over 1-3 ranks x 0-2 loader workers on shards of uneven size, resume into
-another layout, determinism, the equal-batch rule, and the fast parser / decoder against
-the reference ones. Faults (truncated, corrupt, deleted shards, unreachable endpoint) are in
-test_data_faults.py.
+another layout, determinism, the equal-batch rule, tensor batches and user errors. Faults
+(truncated, corrupt, deleted shards, unreachable endpoint) are in test_faults.py, the fast
+parser the reader uses in test_reader.py, the decoder in tests/test_decode.py and the pure
+plan math in test_plan.py.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from cifar import cifar_slice
 
-from conftest import cifar_slice
 from ssl_dist import data, shards, storage
 
-PER_CLASS = 20  # 200 real JPEGs
-SPS = 23  # samples per shard: 8 shards of 23 and one of 16
+SPS = 23  # samples per shard of the cifar_local shards (conftest.py): 8 shards of 23 and one of 16
 
 
-# ------------------------------------------------------------------ fixtures and helpers
-
-
-@pytest.fixture(scope="session")
-def cifar_local(tmp_path_factory) -> tuple[Path, dict]:
-    """Shards of a CIFAR slice on local disk (uneven: 8 x 23 + 16), made once per session."""
-    root = tmp_path_factory.mktemp("data_stream")
-    src = cifar_slice(root / "src", PER_CLASS)
-    manifest = shards.make_shards(str(src), str(root / "shards"), samples_per_shard=SPS, workers=2)
-    return root / "shards", manifest
-
-
-def upload(folder: Path, url: str) -> None:
-    """Copy a local shard folder to an object-store URL (every file, index.json last)."""
-    fs, root = storage.filesystem(url, storage.storage_options(url))
-    files = sorted(p for p in folder.iterdir() if p.name != "index.json") + [folder / "index.json"]
-    for path in files:
-        fs.pipe_file(f"{root}/{path.name}", path.read_bytes())
-
-
-@pytest.fixture(scope="session")
-def cifar_s3(cifar_local, s3_endpoint) -> str:
-    """The same shards in a moto bucket; returns the URL."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="data-stream")
-    upload(cifar_local[0], "s3://data-stream/cifar")
-    return "s3://data-stream/cifar"
+# ------------------------------------------------------------------ helpers
 
 
 def all_keys(manifest_folder: Path) -> set[str]:
@@ -236,65 +207,7 @@ def test_augmentation_is_the_same_in_every_layout(cifar_s3):
     assert torch.equal(state, torch.get_rng_state())  # the caller's generator is left alone
 
 
-# ------------------------------------------------------------------ parsing and decoding
-
-
-def test_parse_samples_matches_the_reference_parser(cifar_local, tmp_path):
-    import webdataset as wds
-
-    folder, manifest = cifar_local
-    pax = tmp_path / "pax"
-    pax.mkdir()
-    items = shards.group_samples(shards.parse_members((folder / "shard-000000.tar").read_bytes()))
-    with wds.TarWriter(str(pax / "p.tar")) as writer:  # PAX headers on every member: the slow path
-        for key, fields in items:
-            writer.write({"__key__": key, **fields})
-    pax_manifest = shards.index_shards(str(pax), workers=1)
-    for where, entry in [(folder, s) for s in manifest["shards"][:3]] + [(pax, pax_manifest["shards"][0])]:
-        blob = (where / entry["url"]).read_bytes()
-        offsets = shards.read_offsets(str(where), entry).astype(np.int64)
-        ends = np.append(offsets[1:], entry["size"])
-        expected = [shards.group_samples(shards.parse_members(blob[a:z]))[0] for a, z in zip(offsets, ends)]
-        assert shards.parse_samples(blob, offsets, ends) == expected
-        # a read that starts at sample 5 and stops short (a truncated shard): the last samples are cut short
-        base = int(offsets[5])
-        cut = blob[base:int(offsets[9]) + 700]
-        got = shards.parse_samples(cut, offsets[5:12] - base, ends[5:12] - base)
-        assert got[:4] == expected[5:9]
-        assert all(isinstance(g, shards.ShardError) and "cut short" in str(g) for g in got[4:])
-    # a corrupt header (checksum) and a wrong offset are errors of that sample only
-    blob = bytearray((folder / "shard-000001.tar").read_bytes())
-    offsets = shards.read_offsets(str(folder), manifest["shards"][1]).astype(np.int64)
-    ends = np.append(offsets[1:], len(blob))
-    blob[int(offsets[2]) + 10] ^= 0x20  # a letter of the name: the stored checksum no longer matches
-    got = shards.parse_samples(bytes(blob), offsets, ends)
-    assert isinstance(got[2], shards.ShardError) and "checksum" in str(got[2])
-    assert all(isinstance(g, tuple) for i, g in enumerate(got) if i != 2)
-    shifted = shards.parse_samples(bytes(blob), offsets[3:5] + 512, ends[3:5])
-    assert all(isinstance(g, shards.ShardError) for g in shifted)
-
-
-def test_decoder_gives_the_pixels_pil_gives(cifar_local):
-    from PIL import Image
-
-    folder, manifest = cifar_local
-    blob = (folder / "shard-000000.tar").read_bytes()
-    samples = shards.group_samples(shards.parse_members(blob))
-    decoded = data.decode_samples(samples, "tensor")
-    as_pil = data.decode_samples(samples, "pil")
-    for (key, fields), tensor, pil in zip(samples, decoded, as_pil):
-        reference = np.asarray(Image.open(io.BytesIO(fields["jpg"])).convert("RGB"))
-        assert tensor["image"].dtype == torch.uint8 and tensor["image"].shape == (3, 32, 32)
-        assert np.array_equal(tensor["image"].permute(1, 2, 0).numpy(), reference), key
-        assert np.array_equal(np.asarray(pil["image"]), reference) and pil["cls"] == tensor["cls"]
-    png = io.BytesIO()
-    Image.new("RGB", (5, 4), (1, 2, 3)).save(png, format="PNG")
-    sample = data.decode_sample("k", {"png": png.getvalue(), "cls": b" 7\n", "txt": b"hi"}, "tensor")
-    assert sample["image"].shape == (3, 4, 5) and sample["cls"] == 7 and sample["txt"] == "hi"
-    bad = data.decode_samples([("a", {"jpg": b"no jpeg"}), ("b", {"cls": b"1"}), ("c", {"jpg": samples[0][1]["jpg"],
-                                                                                    "cls": b"x"})])
-    assert "a.jpg: image does not decode" in bad[0] and "b: no image member" in bad[1]
-    assert "c: .cls b'x' is not an integer" in bad[2]
+# ------------------------------------------------------------------ tensors and user errors
 
 
 def test_tensor_batches_and_user_errors(cifar_s3, cifar_local, tmp_path):

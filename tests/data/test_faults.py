@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cifar import cifar_slice
+from services import free_port, start_moto
 
-from conftest import cifar_slice, free_port, start_moto
 from ssl_dist import data, shards, storage
 
 PER_CLASS, SPS = 20, 23  # 200 real JPEGs in 8 shards of 23 and one of 16
