@@ -398,14 +398,3 @@ def test_export_loads_into_plain_torchvision_with_the_engines_embeddings(cifar_s
     engine = torch.load(str(images) + ".engine")
     torch.testing.assert_close(torch.load(str(images) + ".plain"), engine, rtol=1e-5, atol=1e-6)
     assert engine.shape == (6, 512)
-
-
-# ---- without Ray: the checks and decisions -----------------------------------------------------
-
-
-def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path):
-    done = ssl_dist_cli("pretrain", "--resume", f"data.train_url={cifar_shards_s3['train']}",
-                        f"run.storage_path={tmp_path}/runs", "run.name=nothing-here")
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert "--resume: nothing to resume in" in done.stderr and "nothing-here" in done.stderr
-    assert "Traceback" not in done.stderr

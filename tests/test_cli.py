@@ -1,0 +1,66 @@
+"""The `ssl-dist` command's answer to input a user gets wrong: one clear message that names
+the thing and the fix, exit status 2, no traceback, nothing written, no worker started.
+
+In this process (`cli.main`, what the console script calls): a process of its own would
+cost seconds of start-up for each one-line message. RAY_ADDRESS names a port where nothing
+listens, so a check that came after the driver connects to Ray fails instead of starting a
+cluster. Errors that need an environment of their own (credentials a second S3 server
+refuses) run the command as a process, in e2e/test_pretrain.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from ssl_dist import cli
+
+
+@pytest.fixture(autouse=True)
+def no_ray_here(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+
+
+def test_unknown_config_key_is_a_clear_error(capsys):
+    assert cli.main(["pretrain", "train.max_stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'train.max_stepz'" in err and "train.max_steps" in err
+
+
+def test_missing_bucket_is_a_clear_error(cifar_shards_s3, tmp_path, capsys):
+    assert cli.main(["pretrain", "data.train_url=s3://no-such-bucket/shards", f"run.storage_path={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert "bucket 'no-such-bucket'" in err and "does not exist" in err
+
+    assert cli.main(["pretrain", f"data.train_url={cifar_shards_s3['train']}",
+                     "run.storage_path=s3://no-such-runs-bucket/runs"]) == 2
+    assert "bucket 'no-such-runs-bucket'" in capsys.readouterr().err
+
+
+def test_empty_source_folder_is_a_clear_error_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["shards", "make", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "empty" in err.lower() and str(tmp_path / "empty") in err
+    assert not (tmp_path / "out" / "index.json").exists()
+
+
+def test_missing_manifest_is_a_clear_error(tmp_path, capsys):
+    assert cli.main(["pretrain", f"data.train_url={tmp_path}", f"run.storage_path={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "no index.json" in err, err
+
+
+def test_missing_eval_set_is_a_clear_error_before_any_worker_starts(cifar_shards_s3, tmp_path, capsys):
+    # RAY_ADDRESS names nothing: the check must come before the driver tries to connect
+    assert cli.main(["pretrain", f"data.train_url={cifar_shards_s3['train']}", f"run.storage_path={tmp_path}/runs",
+                     "eval.every=5", f"eval.train_url={cifar_shards_s3['train']}",
+                     f"eval.test_url={tmp_path}/no-test-set"]) == 2
+    err = capsys.readouterr().err
+    assert f"eval set {tmp_path}/no-test-set" in err and "no index.json" in err
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path, capsys):
+    assert cli.main(["pretrain", "--resume", f"data.train_url={cifar_shards_s3['train']}",
+                     f"run.storage_path={tmp_path}/runs", "run.name=nothing-here"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: nothing to resume in" in err and "nothing-here" in err
