@@ -1,0 +1,40 @@
+"""Ranks and the autograd-aware gather that brings every rank's embeddings into each rank's loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_and_world(group=None) -> tuple[int, int]:
+    """(rank in `group`, size of `group`); (0, 1) when no process group is initialised.
+
+    Any rank may call it; it communicates nothing.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def gather(x: torch.Tensor, group=None) -> torch.Tensor:
+    """All-gather `x` (n, ...) from every rank into (W*n, ...), rank q's rows at [q*n, (q+1)*n).
+
+    Every rank of `group` calls it with the same shape. Autograd-aware: the backward is a
+    reduce-scatter with SUM, so the gradient that any rank's loss puts on rank q's rows
+    reaches rank q, summed over ranks (that sum, divided by W by DeepSpeed's averaging, is
+    the gradient of the mean loss). Identity with world size 1 or no process group.
+    """
+    _, world = rank_and_world(group)
+    if world == 1:
+        return x
+    # torch's functional collective (what open_clip uses). In torch 2.14 all_gather_single
+    # carries autograd itself, its backward being reduce_scatter_tensor(SUM), which gloo on
+    # CPU supports too; all_gather_tensor_autograd and torch.distributed.nn's all_gather are
+    # deprecated there. tests/test_loss.py checks that the backward sums over ranks.
+    from torch.distributed import _functional_collectives as fc
+
+    gather_fn = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
+    out = gather_fn(x.contiguous(), 0, group if group is not None else dist.group.WORLD)
+    # An AsyncCollectiveTensor: wait now, so the Functions below get a plain tensor.
+    wait = getattr(out, "wait", None)
+    return wait() if callable(wait) else out

@@ -1,0 +1,47 @@
+"""Numerics. Inputs are L2-normalised, so every logit is bounded by the scale: when exp cannot
+overflow or underflow in the compute dtype the row max is not needed; otherwise the usual
+max subtraction is used (log-sum-exp). fp16/bf16 inputs are computed in fp32; fp64 stays fp64.
+Without an initialised process group, or with a group of one, this is the single-process loss."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+# |logit| bound below which exp(logit) and exp(-logit) are normal numbers with room to sum
+# millions of them: then log-sum-exp needs no row max, and SigLIP's exp needs no clamp.
+EXP_SAFE = {torch.float32: 40.0, torch.float64: 300.0}
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 stays fp64 (the exactness tests); fp32, bf16 and fp16 are computed in fp32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def scalar_like(x, like: torch.Tensor) -> torch.Tensor:
+    """A float, 0-dim or (1,) tensor as a 0-dim tensor of like's dtype and device (keeps autograd)."""
+    if not torch.is_tensor(x):  # as_tensor(float) would round through fp32 first
+        return torch.tensor(float(x), dtype=like.dtype, device=like.device)
+    return x.to(dtype=like.dtype, device=like.device).reshape(())
+
+
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    # Inside Function.forward, ctx.needs_input_grad ignores torch.no_grad(): decide out here.
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def without_autocast(forward):
+    """Run a Function's forward with autocast off: its products stay in the inputs' fp32/fp64."""
+
+    @functools.wraps(forward)
+    def wrapper(ctx, a, *args):
+        with torch.autocast(a.device.type, enabled=False):
+            return forward(ctx, a, *args)
+
+    return wrapper
+
+
+def row_chunks(n: int, chunk_size: int | None):
+    step = n if chunk_size is None else max(1, int(chunk_size))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
