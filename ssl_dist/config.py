@@ -25,8 +25,16 @@ from typing import Any, Literal
 # name a Method subclass of the user's own as package.module:Class.
 BUILTIN_METHODS = ("simclr",)
 
-# Keys that existed once: a config (or a checkpoint's saved config) that names one gets
-# the message; a saved config drops them silently, since it was valid when written.
+# Numeric keys that must not be negative, and what their 0 means.
+NON_NEGATIVE = {
+    "run.min_workers": "0 (fixed size) or between 1 and run.num_workers",
+    "train.max_minutes": "0 (no limit) or positive", "train.checkpoint_minutes": "0 (off) or positive",
+    "data.read_retries": "0 or more", "data.loader_workers": "0 or more",
+    "loss.chunk_size": "0 (whole) or positive", "optim.grad_clip": "0 (no clipping) or positive",
+    "eval.every": "0 (off) or more", "eval.max_samples": "0 (all) or more",
+}
+
+# Keys that existed once: a config naming one gets the message; a saved one drops them (valid when written).
 REMOVED_KEYS = {
     "loss.name": "loss.name was removed: the method decides its loss (method.name=simclr is NT-Xent); "
                  "delete loss.name from the config",
@@ -204,48 +212,37 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic kNN evaluation during training (`ssl-dist evaluate` scores a checkpoint afterwards)."""
 
+    def get(self, dotted: str) -> Any:
+        """The value of a `section.key`."""
+        return getattr(getattr(self, dotted.split(".")[0]), dotted.split(".")[1])
+
     def validate(self) -> None:
-        """Cross-field checks that a single field's type cannot express."""
-        if self.eval.every < 0 or self.eval.k < 1 or self.eval.max_samples < 0:
-            raise ConfigError(f"eval.every={self.eval.every}, eval.k={self.eval.k}, eval.max_samples="
-                              f"{self.eval.max_samples}: every and max_samples must be 0 or more, k at least 1")
-        if self.eval.every and not (self.eval.train_url and self.eval.test_url):
-            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.train_url and "
-                              f"eval.test_url (e.g. small train/test sets made with `ssl-dist shards make`)")
+        """Checks that a single field's type cannot express."""
         if not 0 <= self.train.zero_stage <= 3:
             raise ConfigError(f"train.zero_stage={self.train.zero_stage}: allowed values are 0, 1, 2, 3")
-        for key, value in [("data.batch_size", self.data.batch_size), ("run.num_workers", self.run.num_workers),
-                           ("train.accumulate", self.train.accumulate),
-                           ("train.max_steps", self.train.max_steps), ("data.image_size", self.data.image_size)]:
-            if value < 1:
-                raise ConfigError(f"{key}={value}: must be at least 1")
-        if self.run.min_workers < 0 or self.run.min_workers > self.run.num_workers:
+        for key in ("data.batch_size", "run.num_workers", "train.accumulate", "train.max_steps", "data.image_size",
+                    "model.width", "eval.k"):
+            if self.get(key) < 1:
+                raise ConfigError(f"{key}={self.get(key)}: must be at least 1")
+        for key, allowed in NON_NEGATIVE.items():
+            if self.get(key) < 0:
+                raise ConfigError(f"{key}={self.get(key)}: must be {allowed}")
+        if self.run.min_workers > self.run.num_workers:
             raise ConfigError(f"run.min_workers={self.run.min_workers}: must be 0 (fixed size) or between 1 and "
                               f"run.num_workers={self.run.num_workers}")
-        if self.train.max_minutes < 0:
-            raise ConfigError(f"train.max_minutes={self.train.max_minutes}: must be 0 (no limit) or positive")
-        if self.train.checkpoint_minutes < 0:
-            raise ConfigError(f"train.checkpoint_minutes={self.train.checkpoint_minutes}: must be 0 (off) or positive")
         if not 0 <= self.data.max_skip_fraction <= 1:
             raise ConfigError(f"data.max_skip_fraction={self.data.max_skip_fraction}: must be between 0 and 1")
-        if self.data.read_retries < 0:
-            raise ConfigError(f"data.read_retries={self.data.read_retries}: must be 0 or more")
-        if self.data.loader_workers < 0:
-            raise ConfigError(f"data.loader_workers={self.data.loader_workers}: must be 0 or more")
         if self.model.stem_stride not in (1, 2) or (self.model.stem_stride == 2 and not self.model.cifar_stem):
             raise ConfigError(f"model.stem_stride={self.model.stem_stride}: allowed values are 1 and 2, and 2 only "
                               f"with model.cifar_stem=true (the ImageNet stem has its own strides)")
-        if self.model.width < 1:
-            raise ConfigError(f"model.width={self.model.width}: must be at least 1 (torchvision's ResNet has 64)")
-        if self.loss.chunk_size < 0:
-            raise ConfigError(f"loss.chunk_size={self.loss.chunk_size}: must be 0 (whole) or positive")
-        if self.optim.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip={self.optim.grad_clip}: must be 0 (no clipping) or positive")
         if self.method.name not in BUILTIN_METHODS and not re.fullmatch(r"[\w.]+:\w+", self.method.name):
             raise ConfigError(f"method.name={self.method.name!r}: allowed values are "
                               f"{', '.join(BUILTIN_METHODS)}, or package.module:Class for a method of your own")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
+        if self.eval.every and not (self.eval.train_url and self.eval.test_url):
+            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.train_url and eval."
+                              f"test_url (e.g. small train/test sets made with `ssl-dist shards make`)")
 
 
 # ---- loading and merging ---------------------------------------------------------------

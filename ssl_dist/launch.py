@@ -110,11 +110,7 @@ def check_eval_sets(cfg) -> None:
 def write_resolved_config(cfg, storage_options: dict) -> str:
     """Write the resolved config (never credentials: the config holds none) to the run folder."""
     url = storage.join(run_url(cfg), "config.yaml")
-    fs, path = storage.filesystem(url, storage_options)
-    with storage.translate_errors(url):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write(config_lib.dump_yaml(cfg))
+    storage.write_text(url, config_lib.dump_yaml(cfg), storage_options)
     return url
 
 

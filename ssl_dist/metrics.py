@@ -86,10 +86,7 @@ class MetricsLog:
         writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(self.rows)
-        fs, path = storage.filesystem(self.url, self.options)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write(buf.getvalue())
+        storage.write_text(self.url, buf.getvalue(), self.options)
         self._flush_tensorboard()
 
     def close(self) -> None:

@@ -47,7 +47,7 @@ class AttemptLog:
             self.flush()
 
     def flush(self) -> None:
-        _write_text(self.url, json.dumps(self.record, indent=1), self.options)
+        storage.write_text(self.url, json.dumps(self.record, indent=1), self.options)
 
 
 class KeyLog:
@@ -66,7 +66,7 @@ class KeyLog:
         self.lines.append(json.dumps({"step": step, "epoch": epoch, "keys": keys}))
 
     def flush(self) -> None:
-        _write_text(self.url, "".join(line + "\n" for line in self.lines), self.options)
+        storage.write_text(self.url, "".join(line + "\n" for line in self.lines), self.options)
 
 
 def read_keys(run_url: str, options: dict | None = None) -> list[dict]:
@@ -83,11 +83,3 @@ def read_keys(run_url: str, options: dict | None = None) -> list[dict]:
             logs.append({"start_step": int(m.group(1)), "attempt": int(m.group(2)), "rank": int(m.group(3)),
                          "rows": rows})
     return sorted(logs, key=lambda log: (log["attempt"], log["rank"]))
-
-
-def _write_text(url: str, text: str, options: dict) -> None:
-    fs, path = storage.filesystem(url, options)
-    with storage.translate_errors(url):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write(text)

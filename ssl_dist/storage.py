@@ -70,6 +70,16 @@ def join(url: str, *parts: str) -> str:
     return "/".join([url.rstrip("/"), *[p.strip("/") for p in parts]])
 
 
+def write_text(url: str, text: str, options: dict | None = None) -> None:
+    """Write (replace) the text file at `url`, making its folder if the store has folders.
+    Object stores cannot append: records that grow are rewritten whole."""
+    fs, path = filesystem(url, options)
+    with translate_errors(url):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with fs.open(path, "w") as f:
+            f.write(text)
+
+
 def pyarrow_filesystem(url: str, options: dict | None = None):
     """(pyarrow filesystem, path) for Ray Train's `RunConfig(storage_filesystem=...)`.
 

@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import free_port
+from services import free_port
 
 from ssl_dist import config
 
