@@ -37,8 +37,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import (TEST_ACCESS_KEY, TEST_SECRET_KEY, cifar_slice, free_port, registered_checkpoint,  # noqa: E402
-                      start_moto, train_workers)
+from cifar import cifar_slice  # noqa: E402
+from runs import registered_checkpoint, train_workers  # noqa: E402
+from services import TEST_ACCESS_KEY, TEST_SECRET_KEY, free_port, start_moto  # noqa: E402
 
 
 def main() -> None:

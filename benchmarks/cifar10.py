@@ -32,7 +32,7 @@ CONFIG = ROOT / "jobs" / "configs" / "cifar10.yaml"
 
 
 def start_s3() -> tuple[subprocess.Popen, str]:
-    from conftest import start_moto
+    from services import start_moto
 
     proc, endpoint = start_moto()
     os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
