@@ -18,11 +18,6 @@ import pytest
 from cifar import cifar_slice
 from services import TEST_ACCESS_KEY, TEST_SECRET_KEY, start_moto, start_ray_head, stop_ray_node
 
-# TRANSITIONAL, removed once every `from conftest import ...` in tests/ names its module instead.
-from cifar import CIFAR_TEST, CIFAR_TRAIN, SHARED  # noqa: E402,F401
-from runs import registered_checkpoint, ssl_dist_cli, train_workers  # noqa: E402,F401
-from services import LocalCluster, free_port, wait_for_port  # noqa: E402,F401
-
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
