@@ -27,20 +27,23 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# The errors a user can cause, by the module that defines each. Only modules already
+# imported are looked at: an error cannot come from a module that was never loaded (Ray
+# imports a worker error's module to unpickle it), and importing them all here would load
+# torch and torchvision, seconds of CPU, to print one line.
+USER_ERRORS = {
+    "ssl_dist.config": "ConfigError", "ssl_dist.storage": "StorageError", "ssl_dist.shards.errors": "ShardError",
+    "ssl_dist.decode": "DataError", "ssl_dist.launch": "LaunchError", "ssl_dist.methods": "MethodError",
+    "ssl_dist.evaluate": "EvaluationError", "ssl_dist.checkpoint.layout": "CheckpointError",
+    "ssl_dist.export": "ExportError", "ssl_dist.submit": "SubmitError",
+}
+
+
 def user_error_message(err: BaseException) -> str | None:
     """The one-line message of an error a user can cause, looking through Ray's wrappers."""
-    from ssl_dist.checkpoint import CheckpointError
-    from ssl_dist.config import ConfigError
-    from ssl_dist.data import DataError
-    from ssl_dist.evaluate import EvaluationError
-    from ssl_dist.export import ExportError
-    from ssl_dist.launch import LaunchError
-    from ssl_dist.shards import ShardError
-    from ssl_dist.storage import StorageError, explain
-    from ssl_dist.submit import SubmitError
+    from ssl_dist.storage import explain
 
-    known = (ConfigError, StorageError, ShardError, DataError, LaunchError, EvaluationError, CheckpointError,
-             ExportError, SubmitError)
+    known = tuple(getattr(sys.modules[module], name) for module, name in USER_ERRORS.items() if module in sys.modules)
     seen = set()
     stack = [err]
     while stack:  # Ray wraps worker exceptions (TrainingFailedError -> WorkerGroupError -> cause)

@@ -64,3 +64,16 @@ def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path,
                      f"run.storage_path={tmp_path}/runs", "run.name=nothing-here"]) == 2
     err = capsys.readouterr().err
     assert "--resume: nothing to resume in" in err and "nothing-here" in err
+
+
+def test_every_user_error_is_known_and_found_through_rays_wrappers():
+    import importlib
+
+    from ssl_dist.checkpoint import CheckpointError, IncompleteCheckpoint
+
+    for module, name in cli.USER_ERRORS.items():
+        assert issubclass(getattr(importlib.import_module(module), name), Exception), (module, name)
+    wrapped = RuntimeError("worker group failed")
+    wrapped.worker_failures = {0: IncompleteCheckpoint("checkpoint-00000004 misses rank 1's part list")}
+    assert cli.user_error_message(wrapped) == "checkpoint-00000004 misses rank 1's part list"
+    assert cli.user_error_message(CheckpointError("x")) == "x" and cli.user_error_message(KeyError("y")) is None
