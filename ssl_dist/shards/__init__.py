@@ -3,8 +3,9 @@
 A dataset is a folder URL (local path, ``s3://``, ``gs://``) holding:
 
 - ``shard-000000.tar``, ...: tar files in WebDataset layout. Each sample is a run of adjacent
-  members ``KEY.EXT`` sharing one KEY (`samples`); shards made here hold ``KEY.cls`` and
-  ``KEY.<image ext>`` (`make`), as GNU tar without PAX headers (`tar`).
+  members ``KEY.EXT`` sharing one KEY (`samples`); shards made here hold ``KEY.cls`` (with
+  classes), ``KEY.<image ext>`` and ``KEY.txt`` (with captions) (`make`, `source`), as GNU tar
+  without PAX headers (`tar`).
 - ``shard-000000.idx``, one sidecar per shard: little-endian uint64, one per sample, the byte
   offset in the tar of the header of the sample's FIRST member (`manifest`).
 - ``index.json``, the manifest, written last::
@@ -13,12 +14,14 @@ A dataset is a folder URL (local path, ``s3://``, ``gs://``) holding:
      "shards": [{"url": "shard-000000.tar", "num_samples": 5000, "size": 12697600,
                  "index": "shard-000000.idx"}, ...],     # url and index relative to the folder
      "num_samples": 50000,
+     "fields": ["cls", "jpg"],                           # member extensions found; absent in older ones
      "classes": ["airplane", ...],                       # absent when unknown (index_shards)
      "created": "2025-01-01T00:00:00Z"}
 
 Modules: `manifest` (the manifest and the one sidecar reader), `tar` (tar headers, read and
 written), `samples` (members grouped into samples, sample byte ranges, the stream's batch
-parser), `make` (``ssl-dist shards make``), `index` (``ssl-dist shards index``), `check`
+parser), `make` (``ssl-dist shards make``), `source` (what make packs: images, classes and
+captions, checked before writing), `captions` (caption files and caption checks), `index` (``ssl-dist shards index``), `check`
 (``ssl-dist shards check``), `errors` (ShardError).
 
 Callers: ``ssl_dist.cli`` (``ssl-dist shards make|index|check``) and the data stream

@@ -19,7 +19,9 @@ def index_shards(url: str, *, workers: int = 8, storage_options: dict | None = N
     For shards made elsewhere, in any WebDataset layout (USTAR, GNU or PAX headers, e.g. from
     webdataset's TarWriter). Each shard is streamed once, never loaded whole; `workers` threads
     scan shards in parallel. Samples are grouped by WebDataset's key rule; shards without
-    samples are left out of the manifest. Classes are unknown here, so the manifest has none.
+    samples are left out of the manifest. Classes are unknown here, so the manifest has none;
+    its "fields" are the member extensions found in any sample (e.g. ``["jpg", "json", "txt"]``
+    for the image-text shards of img2dataset or webdataset's ShardWriter).
     Returns the manifest dict. Called by ``ssl-dist shards index``.
     """
     fs, root = storage.filesystem(url, storage_options)
@@ -28,30 +30,32 @@ def index_shards(url: str, *, workers: int = 8, storage_options: dict | None = N
     if not paths:
         raise ShardError(f"no *.tar shards directly under {url}: point URL at the folder that holds the shards")
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        entries = list(pool.map(lambda path: index_one_shard(fs, path, url), paths))
-    entries = [entry for entry in entries if entry["num_samples"] > 0]
+        scanned = list(pool.map(lambda path: index_one_shard(fs, path, url), paths))
+    entries = [entry for entry, _ in scanned if entry["num_samples"] > 0]
+    fields = set().union(*(exts for _, exts in scanned))
     if not entries:
         raise ShardError(f"the shards under {url} hold no samples in WebDataset layout (members KEY.EXT)")
-    manifest = new_manifest(entries, classes=None)
+    manifest = new_manifest(entries, classes=None, fields=sorted(fields))
     write_manifest(fs, root, url, manifest)
     return manifest
 
 
-def index_one_shard(fs, path: str, url: str) -> dict:
-    """Stream one tar, write its sidecar, return its manifest entry."""
+def index_one_shard(fs, path: str, url: str) -> tuple[dict, set[str]]:
+    """Stream one tar, write its sidecar; returns its manifest entry and the member extensions it holds."""
     name = posixpath.basename(path)
     with storage.translate_errors(url):
         size = fs.size(path)
         with fs.open(path, "rb") as f:
-            offsets = scan_sample_offsets(f, size, storage.join(url, name))
+            offsets, exts = scan_sample_offsets(f, size, storage.join(url, name))
         index = name[:-len(".tar")] + ".idx"
         write_offsets(fs, posixpath.join(posixpath.dirname(path), index), offsets)
-    return {"url": name, "num_samples": len(offsets), "size": size, "index": index}
+    return {"url": name, "num_samples": len(offsets), "size": size, "index": index}, exts
 
 
-def scan_sample_offsets(f, size: int, where: str) -> list[int]:
-    """Offsets of each sample's first member header, reading `f` once from start to end."""
-    offsets = []
+def scan_sample_offsets(f, size: int, where: str) -> tuple[list[int], set[str]]:
+    """Offsets of each sample's first member header, and every member extension seen, reading `f`
+    once from start to end."""
+    offsets, seen = [], set()
     key, exts = None, set()
     try:
         for entry in iter_tar(f, size):
@@ -64,6 +68,7 @@ def scan_sample_offsets(f, size: int, where: str) -> list[int]:
             if split[1] in exts:
                 raise ShardError(f"member {entry.name} appears twice in sample {key}")
             exts.add(split[1])
+            seen.add(split[1])
     except ShardError as exc:
         raise ShardError(f"{where}: {exc}: replace or delete this shard, then index again") from None
-    return offsets
+    return offsets, seen

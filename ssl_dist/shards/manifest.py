@@ -63,11 +63,17 @@ def validate_manifest(manifest, url: str) -> None:
         raise ShardError(f"{where} lists no samples: make shards with `ssl-dist shards make SRC {url}`")
     if manifest.get("num_samples") != total:
         raise ShardError(f"{where}: num_samples is {manifest.get('num_samples')} but its shards hold {total}: {fix}")
+    # "fields" came after format 1 was first written: a manifest without it is still valid
+    found = manifest.get("fields", [])
+    if not isinstance(found, list) or not all(isinstance(f, str) and f for f in found):
+        raise ShardError(f"{where}: 'fields' must be a list of member extensions such as [\"cls\", \"jpg\"]: {fix}")
 
 
-def new_manifest(entries: list[dict], classes: list[str] | None) -> dict:
-    """The manifest dict for these shard entries (shape in the package docstring)."""
-    manifest = {"format": FORMAT, "shards": entries, "num_samples": sum(e["num_samples"] for e in entries)}
+def new_manifest(entries: list[dict], classes: list[str] | None, fields: list[str]) -> dict:
+    """The manifest dict for these shard entries (shape in the package docstring); `fields`: the
+    member extensions the samples carry."""
+    manifest = {"format": FORMAT, "shards": entries, "num_samples": sum(e["num_samples"] for e in entries),
+                "fields": sorted(fields)}
     if classes is not None:
         manifest["classes"] = list(classes)
     manifest["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -25,7 +25,8 @@ def test_index_shards_written_by_webdataset(source, expected, tmp_path):
     assert b"x" in header_kinds(folder / "part-0.tar")  # TarWriter writes PAX headers
 
     manifest = shards.index_shards(str(folder), workers=2)
-    assert set(manifest) == {"format", "shards", "num_samples", "created"}  # classes unknown
+    assert set(manifest) == {"format", "shards", "num_samples", "fields", "created"}  # classes unknown
+    assert manifest["fields"] == ["cls", "jpg"]
     assert [s["url"] for s in manifest["shards"]] == ["part-0.tar", "part-1.tar", "part-2.tar"]
     assert [s["index"] for s in manifest["shards"]] == ["part-0.idx", "part-1.idx", "part-2.idx"]
     assert manifest["num_samples"] == 200

@@ -20,7 +20,8 @@ from ssl_dist.shards.make import SOURCE_IMAGE_EXTENSIONS
 
 def test_make_local_manifest_and_contents(local, expected):
     dest, manifest = local
-    assert set(manifest) == {"format", "shards", "num_samples", "classes", "created"}
+    assert set(manifest) == {"format", "shards", "num_samples", "fields", "classes", "created"}
+    assert manifest["fields"] == ["cls", "jpg"]
     assert manifest["format"] == "ssl_dist.shards/1"
     assert manifest["classes"] == CLASSES
     assert manifest["num_samples"] == len(expected) == 200
