@@ -70,7 +70,8 @@ def cmd_shards_make(args) -> None:
 
     manifest = shards.make_shards(args.src, args.dest, samples_per_shard=args.samples_per_shard,
                                   shard_bytes=args.shard_bytes, workers=args.workers, progress=True,
-                                  overwrite=args.overwrite)
+                                  overwrite=args.overwrite, captions=args.captions, image_column=args.image_column,
+                                  caption_column=args.caption_column)
     total = sum(s["num_samples"] for s in manifest["shards"])
     print(f"wrote {len(manifest['shards'])} shards, {total} samples, to {args.dest} (index.json)")
 
@@ -300,7 +301,8 @@ def add_job_commands(sub) -> None:
 def add_shard_commands(sub) -> None:
     """shards make / index / check."""
     shards = sub.add_parser("shards", help="make, index and check WebDataset shards").add_subparsers()
-    p = shards.add_parser("make", help="image folder (ImageFolder layout) or a tar of one -> shards + index.json")
+    p = shards.add_parser("make", help="image folder (ImageFolder layout and/or x.txt captions beside x.jpg) or a "
+                                       "tar of one -> shards + index.json")
     p.add_argument("src")
     p.add_argument("dest", help="local folder or s3://bucket/prefix")
     p.add_argument("--samples-per-shard", type=int, default=None)
@@ -320,3 +322,7 @@ def add_shard_commands(sub) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+    p.add_argument("--captions", metavar="FILE", default=None,
+                   help="CSV, TSV, JSONL or Parquet (by extension) of image paths relative to SRC and their captions")
+    p.add_argument("--image-column", default="image", help="column of --captions holding the image path")
+    p.add_argument("--caption-column", default="caption", help="column of --captions holding the caption")
