@@ -135,14 +135,29 @@ def cmd_export(args) -> None:
 def cmd_evaluate(args) -> None:
     from ssl_dist import evaluate
 
-    scores = evaluate.evaluate_checkpoint(args.checkpoint, args.train, args.test, k=args.k,
-                                          linear_probe=args.linear_probe, probe_c=args.probe_c,
-                                          probe_max_iter=args.probe_max_iter)
-    print(f"kNN top-1 (k={args.k}): {scores['knn_top1']:.4f}  "
-          f"(same encoder at random initialisation: {scores['knn_top1_random_init']:.4f})")
-    if args.linear_probe:
-        print(f"linear-probe top-1: {scores['linear_top1']:.4f}  "
-              f"(same encoder at random initialisation: {scores['linear_top1_random_init']:.4f})")
+    if bool(args.train) != bool(args.test) or not (args.train or args.zero_shot or args.retrieval):
+        raise evaluate.EvaluationError("evaluate needs --train and --test (kNN, linear probe), --zero-shot URL "
+                                       "or --retrieval URL (image-text models)")
+    scores = {}
+    if args.zero_shot or args.retrieval:
+        templates = None
+        if args.templates:
+            from ssl_dist import zero_shot
+
+            templates = zero_shot.read_templates(args.templates)
+        scores.update(evaluate.evaluate_text_checkpoint(args.checkpoint, zero_shot_url=args.zero_shot or "",
+                                                        templates=templates, retrieval_url=args.retrieval or "",
+                                                        max_samples=args.max_samples))
+    if args.train:
+        scores.update(evaluate.evaluate_checkpoint(args.checkpoint, args.train, args.test, k=args.k,
+                                                   linear_probe=args.linear_probe, probe_c=args.probe_c,
+                                                   probe_max_iter=args.probe_max_iter))
+    names = {"knn_top1": f"kNN top-1 (k={args.k})", "linear_top1": "linear-probe top-1",
+             "zero_shot_top1": "zero-shot top-1"}
+    for key, value in scores.items():
+        if not key.endswith("_random_init"):
+            print(f"{names.get(key, key)}: {value:.4f}  "
+                  f"(same model at random initialisation: {scores[key + '_random_init']:.4f})")
     if args.json:
         print(json.dumps(scores))
 
@@ -249,10 +264,19 @@ def add_checkpoint_commands(sub) -> None:
     p.add_argument("out", help="output folder (local or s3://…)")
     p.set_defaults(handler=cmd_export)
 
-    p = sub.add_parser("evaluate", help="kNN top-1 of a checkpoint's encoder on labeled shards")
+    p = sub.add_parser("evaluate", help="kNN / linear-probe top-1 of a checkpoint's encoder on labeled shards; "
+                                        "zero-shot top-1 and retrieval recall of an image-text model")
     p.add_argument("checkpoint", help="checkpoint folder URL (…/checkpoint-NNNNNNNN)")
-    p.add_argument("--train", required=True, help="labeled shards for the neighbours")
-    p.add_argument("--test", required=True, help="labeled shards for the queries")
+    p.add_argument("--train", help="labeled shards for the neighbours (with --test)")
+    p.add_argument("--test", help="labeled shards for the queries (with --train)")
+    p.add_argument("--zero-shot", metavar="URL", help="labeled shards whose index.json lists the class names: "
+                                                      "zero-shot top-1 (clip/siglip checkpoints)")
+    p.add_argument("--templates", metavar="FILE", help="zero-shot prompts, one a line with {} for the class name "
+                                                       "(default: CLIP's 18 CIFAR-10 prompts)")
+    p.add_argument("--retrieval", metavar="URL", help="image-caption shards (KEY.jpg + KEY.txt): image-to-text and "
+                                                      "text-to-image recall@1/5/10 (clip/siglip checkpoints)")
+    p.add_argument("--max-samples", type=int, default=10000, help="samples read of the --zero-shot and --retrieval "
+                                                                  "sets, 0 for all (default: %(default)s)")
     p.add_argument("--k", type=int, default=200, help="neighbours (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="also print the scores as JSON")
     p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True,
@@ -309,6 +333,10 @@ def add_shard_commands(sub) -> None:
     p.add_argument("--shard-bytes", type=int, default=256 * 2**20)
     p.add_argument("--workers", type=int, default=4, help="shards written in parallel")
     p.add_argument("--overwrite", action="store_true", help="replace shards already at DEST")
+    p.add_argument("--captions", metavar="FILE", default=None,
+                   help="CSV, TSV, JSONL or Parquet (by extension) of image paths relative to SRC and their captions")
+    p.add_argument("--image-column", default="image", help="column of --captions holding the image path")
+    p.add_argument("--caption-column", default="caption", help="column of --captions holding the caption")
     p.set_defaults(handler=cmd_shards_make)
     p = shards.add_parser("index", help="write sidecar offsets and index.json for shards made elsewhere")
     p.add_argument("url")
@@ -322,7 +350,3 @@ def add_shard_commands(sub) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-    p.add_argument("--captions", metavar="FILE", default=None,
-                   help="CSV, TSV, JSONL or Parquet (by extension) of image paths relative to SRC and their captions")
-    p.add_argument("--image-column", default="image", help="column of --captions holding the image path")
-    p.add_argument("--caption-column", default="caption", help="column of --captions holding the caption")

@@ -1,4 +1,5 @@
-"""Evaluation of an encoder: features of labeled shards, then kNN top-1 and linear-probe top-1.
+"""Evaluation of an encoder: features of labeled shards, then kNN top-1 and linear-probe top-1;
+for image-text models also zero-shot top-1 and retrieval recall (the math in `zero_shot`).
 
 Reads checkpoints without Ray or a DeepSpeed engine: the fp32 weights come from
 `checkpoint.weights` (consolidated from the ZeRO shards with DeepSpeed's own `zero_to_fp32`
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 
 from ssl_dist import data, storage
 from ssl_dist.augment import EvalView
-from ssl_dist.model import ContrastiveModel, build_model
+from ssl_dist.model import ContrastiveModel
 
 
 class EvaluationError(RuntimeError):
@@ -112,6 +113,14 @@ def knn_accuracy(model: ContrastiveModel, train_url: str, test_url: str, *, imag
 # ---- checkpoints ----------------------------------------------------------------------------
 
 
+def build_module(cfg) -> torch.nn.Module:
+    """The randomly initialised module of `cfg`'s method (`Method.build_module`: SimCLR's
+    ContrastiveModel, CLIP's towers, ...), the one the checkpoint's weights fit."""
+    from ssl_dist import methods
+
+    return methods.resolve(cfg.method.name)(cfg).build_module()
+
+
 def load_checkpoint_model(checkpoint_url: str, storage_options: dict | None = None) -> tuple[ContrastiveModel, object]:
     """(model with the checkpoint's fp32 weights, its config) from a checkpoint folder URL."""
     from ssl_dist.checkpoint import CheckpointError, weights
@@ -120,7 +129,7 @@ def load_checkpoint_model(checkpoint_url: str, storage_options: dict | None = No
         state, cfg = weights.fp32_state_dict(checkpoint_url, storage_options)
     except CheckpointError as err:  # not a checkpoint, or a model file that is more than tensors
         raise EvaluationError(str(err)) from None
-    model = build_model(cfg.model)
+    model = build_module(cfg)
     model.load_state_dict(state)
     return model, cfg
 
@@ -132,13 +141,64 @@ def evaluate_checkpoint(checkpoint_url: str, train_url: str, test_url: str, *, k
     model, cfg = load_checkpoint_model(checkpoint_url)
     torch.manual_seed(cfg.train.seed)
     scores = {}
-    for suffix, encoder in (("", model), ("_random_init", build_model(cfg.model))):
+    for suffix, encoder in (("", model), ("_random_init", build_module(cfg))):
         train_f, train_y = embed(encoder, train_url, image_size=cfg.data.image_size)
         test_f, test_y = embed(encoder, test_url, image_size=cfg.data.image_size)
         scores[f"knn_top1{suffix}"] = knn_top1(train_f, train_y, test_f, test_y, k=k)
         if linear_probe:
             scores[f"linear_top1{suffix}"] = linear_probe_top1(train_f, train_y, test_f, test_y, C=probe_c,
                                                                max_iter=probe_max_iter)
+    return scores
+
+
+def require_text_tower(module: torch.nn.Module, cfg, checkpoint_url: str) -> None:
+    """EvaluationError unless `module` has a text tower (`encode_text`), which zero-shot and
+    retrieval need; SimCLR-like image-only models have none."""
+    if not callable(getattr(module, "encode_text", None)):
+        raise EvaluationError(f"{checkpoint_url} holds a method.name={cfg.method.name} model, which has no text "
+                              f"tower: zero-shot and retrieval need an image-text model (method.name=clip or "
+                              f"siglip); score this one with --train/--test (kNN, linear probe)")
+
+
+def text_scores(module: torch.nn.Module, tokenizer, cfg, *, zero_shot_url: str = "", templates=None,
+                retrieval_url: str = "", max_samples: int = 10000) -> dict:
+    """Zero-shot top-1 on the labeled set at `zero_shot_url` ({"zero_shot_top1"}) and recall@1/5/10
+    on the captioned set at `retrieval_url` ({"image_to_text_R@1", ...}) of one image-text
+    module, each set read up to `max_samples` (0: all). Called by `evaluate_text_checkpoint`."""
+    from ssl_dist import zero_shot  # zero_shot imports this module (iter_labeled, EvaluationError)
+
+    module.eval()
+    size, scores = cfg.data.image_size, {}
+    with torch.no_grad():
+        if zero_shot_url:
+            names = zero_shot.class_names(zero_shot_url)
+            classifier = zero_shot.zero_shot_classifier(module.encode_text, tokenizer, names,
+                                                        templates or zero_shot.CIFAR10_TEMPLATES)
+            feats, labels = zero_shot.embed_labeled(module.features, zero_shot_url, image_size=size, limit=max_samples)
+            scores["zero_shot_top1"] = zero_shot.zero_shot_top1(feats, labels, classifier)
+        if retrieval_url:
+            image_emb, text_emb = zero_shot.embed_captioned(module.features, module.encode_text, tokenizer,
+                                                            retrieval_url, image_size=size, limit=max_samples)
+            scores.update(zero_shot.retrieval_recall(image_emb, text_emb))
+    return scores
+
+
+def evaluate_text_checkpoint(checkpoint_url: str, *, zero_shot_url: str = "", templates=None,
+                             retrieval_url: str = "", max_samples: int = 10000) -> dict:
+    """`text_scores` of a checkpoint's image-text model and of the same model at random
+    initialisation (keys with "_random_init"). `templates`: None for CLIP's CIFAR-10 prompts.
+    Raises EvaluationError for a model without a text tower. Called by `ssl-dist evaluate`."""
+    from ssl_dist import model as towers
+
+    module, cfg = load_checkpoint_model(checkpoint_url)
+    require_text_tower(module, cfg, checkpoint_url)
+    tokenizer = towers.build_tokenizer(cfg.model.clip_arch)
+    torch.manual_seed(cfg.train.seed)
+    scores = {}
+    for suffix, candidate in (("", module), ("_random_init", build_module(cfg))):
+        found = text_scores(candidate, tokenizer, cfg, zero_shot_url=zero_shot_url, templates=templates,
+                            retrieval_url=retrieval_url, max_samples=max_samples)
+        scores.update({f"{key}{suffix}": value for key, value in found.items()})
     return scores
 
 
