@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 # Built-in methods by name (ssl_dist/methods/ maps each to its class); a config may also
 # name a Method subclass of the user's own as package.module:Class.
-BUILTIN_METHODS = ("simclr",)
+BUILTIN_METHODS = ("simclr", "clip", "siglip")
 
 # Numeric keys that must not be negative, and what their 0 means.
 NON_NEGATIVE = {
@@ -35,10 +35,8 @@ NON_NEGATIVE = {
 }
 
 # Keys that existed once: a config naming one gets the message; a saved one drops them (valid when written).
-REMOVED_KEYS = {
-    "loss.name": "loss.name was removed: the method decides its loss (method.name=simclr is NT-Xent); "
-                 "delete loss.name from the config",
-}
+REMOVED_KEYS = {"loss.name": "loss.name was removed: the method decides its loss (method.name=simclr is NT-Xent); "
+                              "delete loss.name from the config"}
 
 
 class ConfigError(ValueError):
@@ -81,12 +79,14 @@ class ModelConfig:
     """Hidden width of the projection head's MLP."""
     proj_dim: int = 128
     """Output width of the projection head (the embedding the loss sees)."""
+    clip_arch: str = ""
+    """Towers of method.name=clip/siglip: an open_clip model config name (RN50, ViT-B-32, ...: open_clip.list_models()) or the path of a JSON file in its format (embed_dim, vision_cfg, text_cfg; e.g. jobs/configs/clip-tiny.json for CPU); the image tower is built at data.image_size."""
 
 
 @dataclass
 class MethodConfig:
     name: str = "simclr"
-    """Pretraining method: simclr, or `package.module:Class` naming a subclass of ssl_dist.methods.Method of your own (it ships with the run; see ssl_dist/methods/base.py)."""
+    """Pretraining method: simclr, clip, siglip (image-text pairs: set model.clip_arch), or `package.module:Class` naming a subclass of ssl_dist.methods.Method of your own (it ships with the run; see ssl_dist/methods/base.py)."""
 
 
 @dataclass
@@ -241,8 +241,8 @@ class Config:
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
         if self.eval.every and not (self.eval.train_url and self.eval.test_url):
-            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.train_url and eval."
-                              f"test_url (e.g. small train/test sets made with `ssl-dist shards make`)")
+            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.train_url and "
+                              f"eval.test_url (e.g. small sets made with `ssl-dist shards make`)")
 
 
 # ---- loading and merging ---------------------------------------------------------------

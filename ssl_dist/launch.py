@@ -82,6 +82,7 @@ def check_method(cfg, manifest: dict) -> None:
 
     try:
         method = methods.resolve(cfg.method.name)
+        method.check(cfg)
     except methods.MethodError as err:
         raise LaunchError(str(err)) from None
     if "fields" not in manifest:

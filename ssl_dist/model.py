@@ -88,3 +88,89 @@ def build_model(model_cfg) -> ContrastiveModel:
     return ContrastiveModel(model_cfg.arch, cifar_stem=model_cfg.cifar_stem, stem_stride=model_cfg.stem_stride,
                             width=model_cfg.width, proj_hidden_dim=model_cfg.proj_hidden_dim,
                             proj_dim=model_cfg.proj_dim)
+
+
+# ---- image-text towers (CLIP, SigLIP): open_clip's model definitions -------------------------
+# open_clip is imported inside these functions: the driver and the image-only methods never pay it.
+
+
+def clip_model_config(arch: str, image_size: int | None = None) -> dict:
+    """open_clip's model config for `arch`: a name of `open_clip.list_models()` or the path of a
+    JSON file in its format ({"embed_dim", "vision_cfg", "text_cfg"}). With `image_size` the
+    image tower is built at that size (open_clip's force_image_size). Raises ValueError naming
+    some known models when `arch` is neither. Called on the driver (check) and on every rank."""
+    import json
+    from pathlib import Path
+
+    import open_clip
+
+    if arch.endswith(".json"):
+        if not Path(arch).is_file():
+            raise ValueError(f"model.clip_arch={arch!r}: no such JSON file")
+        cfg = json.loads(Path(arch).read_text())
+    else:
+        cfg = open_clip.get_model_config(arch) if arch else None
+    if not cfg or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(cfg):
+        names = open_clip.list_models()
+        known = ", ".join(m for m in ("RN50", "RN101", "ViT-B-32", "ViT-B-16", "ViT-L-14") if m in names)
+        raise ValueError(f"model.clip_arch={arch!r} is not an open_clip model config: use one of the "
+                         f"{len(names)} names of open_clip.list_models() ({known}, ...) or the path of a JSON file with "
+                         f"embed_dim, vision_cfg and text_cfg (e.g. jobs/configs/clip-tiny.json)")
+    if image_size is not None:
+        cfg["vision_cfg"] = {**cfg["vision_cfg"], "image_size": image_size}
+    return cfg
+
+
+def build_tokenizer(arch: str):
+    """open_clip's tokenizer for `arch` (list of str -> LongTensor (n, context_length), the
+    context length of the model config); picklable, so loader workers get copies."""
+    import open_clip
+
+    if not arch.endswith(".json"):
+        return open_clip.get_tokenizer(arch)
+    text_cfg = clip_model_config(arch)["text_cfg"]
+    return open_clip.tokenizer.SimpleTokenizer(context_length=text_cfg.get("context_length", 77),
+                                               **text_cfg.get("tokenizer_kwargs", {}))
+
+
+class ImageTextModel(nn.Module):
+    """Image and text towers of an open_clip model, with the learnable logit scale (and, for
+    SigLIP, bias) as (1,) parameters: DeepSpeed 0.19 cannot broadcast open_clip's 0-dim ones,
+    and as parameters of this module ZeRO shards them and checkpoints carry them.
+
+    forward(images (b, 3, S, S), tokens (b, L) long) -> (image_emb (b, D), text_emb (b, D),
+    logit_scale (1,)[, logit_bias (1,)]); embeddings not normalised (the losses normalise).
+    """
+
+    def __init__(self, clip: nn.Module, *, init_logit_scale: float, init_logit_bias: float | None = None):
+        super().__init__()
+        for name in ("logit_scale", "logit_bias"):  # replaced by (1,) parameters below
+            if isinstance(getattr(clip, name, None), nn.Parameter):
+                delattr(clip, name)
+        self.clip = clip
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full((1,), float(init_logit_bias)))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, D): the image tower's output, what kNN evaluation reads."""
+        return self.clip.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D): the text tower's output (zero-shot, retrieval)."""
+        return self.clip.encode_text(tokens)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        scales = (self.logit_scale,) if self.logit_bias is None else (self.logit_scale, self.logit_bias)
+        return (self.features(images), self.encode_text(tokens), *scales)
+
+
+def build_image_text_model(arch: str, *, image_size: int, init_logit_scale: float,
+                           init_logit_bias: float | None = None) -> ImageTextModel:
+    """open_clip's CLIP (or CustomTextCLIP) for `arch` at `image_size`, randomly initialised
+    (no pretrained weights), wrapped as an ImageTextModel. Same seed on every rank."""
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = clip_model_config(arch, image_size)
+    cls = CustomTextCLIP if cfg.pop("custom_text", False) else CLIP
+    cfg.pop("init_logit_scale", None), cfg.pop("init_logit_bias", None)  # ours decide (the method's)
+    return ImageTextModel(cls(**cfg), init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)

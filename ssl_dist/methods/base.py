@@ -55,6 +55,11 @@ class Method:
         copies of `sample_transform()`, never the method itself."""
         self.cfg, self.rank = cfg, rank
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        """On the driver, before any worker starts (`launch.check_method`): raise MethodError
+        (ssl_dist.methods) if the config cannot work for this method. Default: nothing."""
+
     def build_module(self) -> nn.Module:
         """The towers and the method's state, as one module for the engine to wrap. It must
         offer `features(images)`: (B, 3, H, W) -> (B, F) image features, which evaluation

@@ -1,0 +1,110 @@
+"""CLIP (Radford et al., 2021) and SigLIP (Zhai et al., 2023): image-text pairs, one image
+tower and one text tower from open_clip's model definitions (`model.clip_arch`), a learnable
+logit scale (and SigLIP's bias) in the engine's module, and a loss whose negatives are the
+texts and images of every rank (`loss.clip_loss`, `loss.siglip_loss`).
+
+In the loader workers each sample's image is randomly crop-resized (scale 0.9-1, CLIP's
+light augmentation) and normalised with open_clip's mean and std, and its caption (`KEY.txt`)
+is tokenized to the model's context length. The image tower is built at `data.image_size`
+(open_clip's force_image_size), so that training, kNN evaluation and export agree on it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from ssl_dist.loss import clip_loss, siglip_loss
+from ssl_dist.methods import MethodError
+from ssl_dist.methods.base import Method
+
+
+class ImageText:
+    """Loader-worker transform: decoded sample {"__key__", "image": PIL, "txt": str, ...} ->
+    {"__key__", "image": float (3, S, S) normalised, "tokens": long (context_length,)}.
+    A class holding open_clip's tokenizer and torchvision transforms, so that it pickles."""
+
+    def __init__(self, arch: str, image_size: int):
+        import open_clip
+        from torchvision.transforms import v2
+
+        from ssl_dist import model
+
+        self.tokenizer = model.build_tokenizer(arch)
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
+        ])
+
+    def __call__(self, sample: dict) -> dict:
+        return {"__key__": sample["__key__"], "image": self.augment(sample["image"]),
+                "tokens": self.tokenizer([sample["txt"]])[0]}
+
+
+class CLIP(Method):
+    """Outputs (image_emb (b, D), text_emb (b, D), logit_scale (1,)), float32; symmetric
+    InfoNCE over the global batch (`loss.chunk_size`). Init scale log(1/0.07), as CLIP's;
+    clip_loss clamps it at log 100."""
+
+    name = "clip"
+    fields = ("image", "txt")
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Driver-side: model.clip_arch names an open_clip config, and the augmentation is per sample."""
+        from ssl_dist import model
+
+        if cfg.data.augment == "per_batch":
+            raise MethodError(f"method.name={cls.name} augments per sample in the loader workers (crop and "
+                              f"tokenize): set data.augment=per_sample")
+        try:
+            model.clip_model_config(cfg.model.clip_arch)
+        except ValueError as err:
+            raise MethodError(f"method.name={cls.name}: {err}") from None
+
+    def build_module(self) -> nn.Module:
+        from ssl_dist import model
+
+        return model.build_image_text_model(self.cfg.model.clip_arch, image_size=self.cfg.data.image_size,
+                                            init_logit_scale=self.init_logit_scale,
+                                            init_logit_bias=self.init_logit_bias)
+
+    def sample_transform(self) -> Callable[[dict], dict]:
+        return ImageText(self.cfg.model.clip_arch, self.cfg.data.image_size)
+
+    def forward(self, engine, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """This rank's (b,) pairs through both towers. Images are cast to the engine's
+        parameter dtype (bf16 under train.precision=bf16), tokens stay long; embeddings and
+        scales come back float32 (the loss's log-sum-exp needs it). The scale (and bias) are
+        outputs, not parameters read in `loss`, so gradient caching carries their gradient."""
+        param = next(engine.module.parameters())
+        images = batch["image"].to(param.device, param.dtype)
+        tokens = batch["tokens"].to(param.device)
+        return tuple(out.float() for out in engine(images, tokens))
+
+    def loss(self, outputs: tuple[torch.Tensor, ...], valid: torch.Tensor | None) -> torch.Tensor:
+        # clip_loss has no validity mask yet: a skipped sample's stand-in copy counts as a pair.
+        image, text, scale = outputs
+        return clip_loss(image, text, scale, chunk_size=self.cfg.loss.chunk_size or None)
+
+
+class SigLIP(CLIP):
+    """As CLIP, plus a learnable bias: outputs (image_emb, text_emb, logit_scale (1,),
+    logit_bias (1,)); pairwise sigmoid loss, negatives around a ring of ranks. Init scale
+    log 10 and bias -10, the paper's."""
+
+    name = "siglip"
+    init_logit_scale = math.log(10.0)
+    init_logit_bias = -10.0
+
+    def loss(self, outputs: tuple[torch.Tensor, ...], valid: torch.Tensor | None) -> torch.Tensor:
+        # siglip_loss has no validity mask yet (as clip_loss).
+        image, text, scale, bias = outputs
+        return siglip_loss(image, text, scale, bias, chunk_size=self.cfg.loss.chunk_size or None)

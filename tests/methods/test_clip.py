@@ -1,0 +1,126 @@
+"""method.name=clip / siglip (`ssl_dist/methods/clip.py`): the loader-worker transform
+tokenizes to the model's context length, a bad model.clip_arch is one clear error on the
+driver, and gradient caching through the real 2-rank DeepSpeed engine (gloo) gives the update
+of the whole-batch step, logit scale and bias included."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+from services import free_port
+
+from ssl_dist import config
+from ssl_dist.launch import LaunchError, check_method
+from ssl_dist.methods import resolve
+
+TINY = str(Path(__file__).resolve().parents[2] / "jobs" / "configs" / "clip-tiny.json")
+MICRO, ACCUMULATE, WORLD, VOCAB, CONTEXT = 4, 3, 2, 500, 16
+
+
+def clip_cfg(*overrides: str, method: str = "clip", arch: str = TINY) -> config.Config:
+    return config.load(None, [f"method.name={method}", f"model.clip_arch={arch}", *overrides])
+
+
+@pytest.mark.parametrize("method", ["clip", "siglip"])
+def test_transform_gives_normalised_crops_and_tokens_of_the_context_length(method):
+    cfg = clip_cfg(method=method)
+    transform = pickle.loads(pickle.dumps(resolve(method)(cfg).sample_transform()))  # as loader workers get it
+    out = transform({"__key__": "k0", "image": Image.new("RGB", (48, 40), (200, 10, 10)), "txt": "a red square"})
+    assert set(out) == {"__key__", "image", "tokens"} and out["__key__"] == "k0"
+    assert out["image"].shape == (3, 32, 32) and out["image"].dtype == torch.float32
+    context = json.loads(Path(TINY).read_text())["text_cfg"]["context_length"]
+    assert out["tokens"].shape == (context,) and out["tokens"].dtype == torch.long
+    assert (out["tokens"] != 0).sum() == 5  # start, "a", "red", "square", end; the rest padding
+
+
+@pytest.mark.parametrize("arch", ["ViT-Q-99", "no/such/file.json", ""])
+def test_a_bad_clip_arch_is_one_clear_error_on_the_driver(arch):
+    with pytest.raises(LaunchError, match=r"model.clip_arch=.*(open_clip.list_models\(\).*ViT-B-32|no such JSON)"):
+        check_method(clip_cfg(arch=arch), {})
+
+
+def test_per_batch_augmentation_is_refused():
+    with pytest.raises(LaunchError, match="data.augment=per_sample"):
+        check_method(clip_cfg("data.augment=per_batch"), {})
+
+
+def test_builtin_names_resolve():
+    assert resolve("clip").name == "clip" and resolve("siglip").name == "siglip"
+
+
+# ---- gradient caching through the real engine: 2 spawned gloo ranks (as tests/test_step.py)
+
+
+def join_group(rank: int, port: int, world: int = WORLD) -> None:
+    """This spawned process as rank `rank` of a gloo group of `world` (DeepSpeed reads the env)."""
+    import torch.distributed as dist
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+
+
+def spawn_ranks(fn, *args, world: int = WORLD) -> dict:
+    """Run fn(rank, port, *args, out) in `world` spawned processes; returns what they put in out."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(fn, args=(free_port(), *args, out), nprocs=world, join=True)
+        return dict(out)
+
+
+def batches_of(rank: int) -> list[dict]:
+    """This rank's ACCUMULATE micro-batches of MICRO (image, tokens) pairs (fixed random data)."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return [{"image": torch.randn(MICRO, 3, 32, 32, generator=g),
+             "tokens": torch.randint(1, VOCAB, (MICRO, CONTEXT), generator=g)} for _ in range(ACCUMULATE)]
+
+
+def run_rank(rank: int, port: int, arch: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    from ssl_dist.engine import build_engine
+    from ssl_dist.step import optimizer_step
+
+    join_group(rank, port)
+    micro = batches_of(rank)
+    whole = [{k: torch.cat([b[k] for b in micro]) for k in ("image", "tokens")}]
+    for method in ("clip", "siglip"):
+        for name, accumulate, batches, batch_size in (("whole", 1, whole, MICRO * ACCUMULATE),
+                                                      ("cached", ACCUMULATE, micro, MICRO)):
+            cfg = clip_cfg(f"data.batch_size={batch_size}", f"train.accumulate={accumulate}", "train.zero_stage=2",
+                           "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0",
+                           "optim.warmup_steps=0", "loss.chunk_size=5", "train.max_steps=10",
+                           method=method, arch=arch)
+            instance = resolve(method)(cfg, rank=rank)
+            torch.manual_seed(0)  # as the loop: same initial weights on every rank and both ways
+            engine = build_engine(instance.build_module(), cfg, WORLD)
+            loss = optimizer_step(engine, instance, batches)
+            if rank == 0:
+                out[f"{method}/{name}"] = (float(loss), {n: p.detach().clone()
+                                                         for n, p in engine.module.named_parameters()})
+    dist.barrier()  # nobody tears its group down while a peer still communicates
+    dist.destroy_process_group()
+
+
+def test_gradient_caching_equals_the_whole_batch_step(tmp_path):
+    # The tiny towers with a 500-token vocabulary: the same code, a tenth of the parameters.
+    arch = tmp_path / "clip-micro.json"
+    spec = json.loads(Path(TINY).read_text())
+    spec["text_cfg"].update(vocab_size=VOCAB, context_length=CONTEXT)
+    arch.write_text(json.dumps(spec))
+    results = spawn_ranks(run_rank, str(arch))
+    for method, initial in (("clip", {"logit_scale": 2.6593}), ("siglip", {"logit_scale": 2.3026, "logit_bias": -10})):
+        (loss_whole, p_whole), (loss_cached, p_cached) = results[f"{method}/whole"], results[f"{method}/cached"]
+        assert loss_cached == pytest.approx(loss_whole, rel=1e-5), method
+        for name, value in initial.items():  # the step moved the method's state...
+            assert p_whole[name].shape == (1,) and abs(float(p_whole[name]) - value) > 1e-4, (method, name)
+        for name, a in p_whole.items():  # ...and every parameter the same both ways
+            torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
