@@ -14,15 +14,15 @@ A dataset is a folder URL (local path, ``s3://``, ``gs://``) holding:
      "shards": [{"url": "shard-000000.tar", "num_samples": 5000, "size": 12697600,
                  "index": "shard-000000.idx"}, ...],     # url and index relative to the folder
      "num_samples": 50000,
-     "fields": ["cls", "jpg"],                           # member extensions found; absent in older ones
+     "fields": ["cls", "jpg"],                           # member extensions; absent in older ones
      "classes": ["airplane", ...],                       # absent when unknown (index_shards)
      "created": "2025-01-01T00:00:00Z"}
 
 Modules: `manifest` (the manifest and the one sidecar reader), `tar` (tar headers, read and
 written), `samples` (members grouped into samples, sample byte ranges, the stream's batch
 parser), `make` (``ssl-dist shards make``), `source` (what make packs: images, classes and
-captions, checked before writing), `captions` (caption files and caption checks), `index` (``ssl-dist shards index``), `check`
-(``ssl-dist shards check``), `errors` (ShardError).
+captions, checked before writing), `captions` (caption files and caption checks), `index`
+(``ssl-dist shards index``), `check` (``ssl-dist shards check``), `errors` (ShardError).
 
 Callers: ``ssl_dist.cli`` (``ssl-dist shards make|index|check``) and the data stream
 (``read_manifest``, ``read_offsets``, ``sample_ranges``, ``parse_samples``; ``parse_members`` and

@@ -91,7 +91,7 @@ def beside_captions(files: list[SourceFile]) -> dict[str, SourceFile]:
 def from_captioned_folder(src: str, files: list[SourceFile], read) -> tuple[list[str] | None, list[SourceImage]]:
     """A folder (or tar) whose images have ``x.txt`` beside them; classes only in ImageFolder layout."""
     captions = beside_captions(files)
-    found = [f for f in files if image_ext(f.path)]
+    found = sorted(f for f in files if image_ext(f.path))  # sorted: the same first bad caption every run
     missing = [f.path for f in found if posixpath.splitext(f.path)[0] not in captions]
     if missing:
         raise ShardError(f"{len(missing)} of {len(found)} images in {src} have no caption beside them (e.g. "
