@@ -44,7 +44,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("data.batch_size=0", "must be at least 1"),
     ("train=3", "is a section"),
     ("max_steps", "not of the form section.key=value"),
-    ("method.name=byol", "allowed values are simclr, or package.module:Class"),
+    ("method.name=byol", "allowed values are simclr, clip, siglip, or package.module:Class"),
     ("loss.name=nt_xent", "loss.name was removed: the method decides its loss"),
 ])
 def test_wrong_values_are_one_clear_error(override, expected):
