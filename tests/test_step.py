@@ -4,12 +4,10 @@ for SimCLR and for a method whose loss reads a learnable scale (method state in 
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from services import free_port
+from ranks import join_group, spawn_ranks
 
 from ssl_dist import config
 
@@ -29,24 +27,6 @@ def batches_of(rank: int) -> list[dict]:
     g = torch.Generator().manual_seed(100 + rank)
     return [{"view1": torch.randn(MICRO, 3, 4, 4, generator=g), "view2": torch.randn(MICRO, 3, 4, 4, generator=g)}
             for _ in range(ACCUMULATE)]
-
-
-def join_group(rank: int, port: int, world: int = WORLD) -> None:
-    """This spawned process as rank `rank` of a gloo group of `world` (DeepSpeed reads the env)."""
-    import torch.distributed as dist
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def spawn_ranks(fn, *args, world: int = WORLD) -> dict:
-    """Run fn(rank, port, *args, out) in `world` spawned processes; returns what they put in out."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(fn, args=(free_port(), *args, out), nprocs=world, join=True)
-        return dict(out)
 
 
 def run_rank(rank: int, port: int, zero_stage: int, out: dict) -> None:

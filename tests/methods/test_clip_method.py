@@ -6,15 +6,13 @@ of the whole-batch step, logit scale and bias included."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from PIL import Image
-from services import free_port
+from ranks import join_group, spawn_ranks
 
 from ssl_dist import config
 from ssl_dist.launch import LaunchError, check_method
@@ -56,24 +54,6 @@ def test_builtin_names_resolve():
 
 
 # ---- gradient caching through the real engine: 2 spawned gloo ranks (as tests/test_step.py)
-
-
-def join_group(rank: int, port: int, world: int = WORLD) -> None:
-    """This spawned process as rank `rank` of a gloo group of `world` (DeepSpeed reads the env)."""
-    import torch.distributed as dist
-
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)})
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-
-
-def spawn_ranks(fn, *args, world: int = WORLD) -> dict:
-    """Run fn(rank, port, *args, out) in `world` spawned processes; returns what they put in out."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(fn, args=(free_port(), *args, out), nprocs=world, join=True)
-        return dict(out)
 
 
 def batches_of(rank: int) -> list[dict]:
