@@ -34,14 +34,14 @@ def simclr_augment(image_size: int) -> v2.Compose:
     ])
 
 
-def eval_transform(image_size: int) -> v2.Compose:
+def eval_transform(image_size: int, mean=MEAN, std=STD) -> v2.Compose:
     """Deterministic resize + normalise of one PIL image -> float tensor (3, image_size, image_size)."""
     return v2.Compose([
         v2.Resize(image_size, antialias=True),
         v2.CenterCrop(image_size),
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
+        v2.Normalize(mean, std),
     ])
 
 
@@ -63,10 +63,11 @@ class TwoViews:
 
 
 class EvalView:
-    """Sample dict -> {"__key__", "image": normalised tensor, "cls"} for evaluation."""
+    """Sample dict -> {"__key__", "image": normalised tensor, "cls"} for evaluation; `mean`
+    and `std` are those the method trained with (`Method.eval_view`)."""
 
-    def __init__(self, image_size: int):
-        self.transform = eval_transform(image_size)
+    def __init__(self, image_size: int, mean=MEAN, std=STD):
+        self.transform = eval_transform(image_size, mean, std)
 
     def __call__(self, sample: dict) -> dict:
         return {"__key__": sample["__key__"], "image": self.transform(sample["image"]), "cls": sample.get("cls", -1)}

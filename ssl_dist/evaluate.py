@@ -25,14 +25,15 @@ class EvaluationError(RuntimeError):
 
 
 def iter_labeled(url: str, *, image_size: int, batch_size: int = 256, storage_options: dict | None = None,
-                 limit: int = 0, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 limit: int = 0, rank: int = 0, world: int = 1, view=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of the shards at `url` once, in manifest order: (images (B, 3, S, S), labels (B,)).
 
     `limit`: only the first `limit` samples (0: all). `rank`/`world`: only samples number
-    rank, rank + world, ... of those (the others are read, not decoded).
+    rank, rank + world, ... of those (the others are read, not decoded). `view`: the method's
+    `eval_view()` (default: `EvalView(image_size)`, SimCLR's normalisation).
     """
     shards = data.ShardSet(url, storage_options if storage_options is not None else storage.storage_options(url))
-    view = EvalView(image_size)
+    view = view or EvalView(image_size)
     images, labels = [], []
     position = 0
     for shard, count in enumerate(shards.counts.tolist()):
@@ -57,11 +58,12 @@ def iter_labeled(url: str, *, image_size: int, batch_size: int = 256, storage_op
 
 @torch.no_grad()
 def embed(model: ContrastiveModel, url: str, *, image_size: int, storage_options: dict | None = None,
-          batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+          batch_size: int = 256, view=None) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised encoder features (N, F) and labels (N,) of every sample at `url`."""
     model.eval()
     feats, labels = [], []
-    for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options):
+    for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options,
+                                  view=view):
         feats.append(F.normalize(model.features(images), dim=1))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -121,6 +123,14 @@ def build_module(cfg) -> torch.nn.Module:
     return methods.resolve(cfg.method.name)(cfg).build_module()
 
 
+def eval_view(cfg):
+    """The per-sample evaluation transform of `cfg`'s method (`Method.eval_view`): images
+    normalised as the method trained on them (CLIP's are not SimCLR's)."""
+    from ssl_dist import methods
+
+    return methods.resolve(cfg.method.name)(cfg).eval_view()
+
+
 def load_checkpoint_model(checkpoint_url: str, storage_options: dict | None = None) -> tuple[ContrastiveModel, object]:
     """(model with the checkpoint's fp32 weights, its config) from a checkpoint folder URL."""
     from ssl_dist.checkpoint import CheckpointError, weights
@@ -141,9 +151,10 @@ def evaluate_checkpoint(checkpoint_url: str, train_url: str, test_url: str, *, k
     model, cfg = load_checkpoint_model(checkpoint_url)
     torch.manual_seed(cfg.train.seed)
     scores = {}
+    view = eval_view(cfg)
     for suffix, encoder in (("", model), ("_random_init", build_module(cfg))):
-        train_f, train_y = embed(encoder, train_url, image_size=cfg.data.image_size)
-        test_f, test_y = embed(encoder, test_url, image_size=cfg.data.image_size)
+        train_f, train_y = embed(encoder, train_url, image_size=cfg.data.image_size, view=view)
+        test_f, test_y = embed(encoder, test_url, image_size=cfg.data.image_size, view=view)
         scores[f"knn_top1{suffix}"] = knn_top1(train_f, train_y, test_f, test_y, k=k)
         if linear_probe:
             scores[f"linear_top1{suffix}"] = linear_probe_top1(train_f, train_y, test_f, test_y, C=probe_c,
@@ -168,17 +179,19 @@ def text_scores(module: torch.nn.Module, tokenizer, cfg, *, zero_shot_url: str =
     from ssl_dist import zero_shot  # zero_shot imports this module (iter_labeled, EvaluationError)
 
     module.eval()
-    size, scores = cfg.data.image_size, {}
+    size, scores, view = cfg.data.image_size, {}, eval_view(cfg)
     with torch.no_grad():
         if zero_shot_url:
             names = zero_shot.class_names(zero_shot_url)
             classifier = zero_shot.zero_shot_classifier(module.encode_text, tokenizer, names,
                                                         templates or zero_shot.CIFAR10_TEMPLATES)
-            feats, labels = zero_shot.embed_labeled(module.features, zero_shot_url, image_size=size, limit=max_samples)
+            feats, labels = zero_shot.embed_labeled(module.features, zero_shot_url, image_size=size, limit=max_samples,
+                                                    view=view)
             scores["zero_shot_top1"] = zero_shot.zero_shot_top1(feats, labels, classifier)
         if retrieval_url:
             image_emb, text_emb = zero_shot.embed_captioned(module.features, module.encode_text, tokenizer,
-                                                            retrieval_url, image_size=size, limit=max_samples)
+                                                            retrieval_url, image_size=size, limit=max_samples,
+                                                            view=view)
             scores.update(zero_shot.retrieval_recall(image_emb, text_emb))
     return scores
 
@@ -216,7 +229,7 @@ def eval_storage_options(cfg, loop_config: dict) -> dict:
 
 @torch.no_grad()
 def _embed_share(module: ContrastiveModel, url: str, *, image_size: int, limit: int, rank: int, world: int,
-                 batch_size: int, storage_options: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+                 batch_size: int, storage_options: dict | None, view=None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the features of the first `limit` samples at `url`.
 
     Every rank runs the same number of forward passes (padding with a blank batch): under
@@ -229,7 +242,7 @@ def _embed_share(module: ContrastiveModel, url: str, *, image_size: int, limit: 
     passes = math.ceil(math.ceil(count / world) / batch_size)
     feats, labels = [], []
     for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options,
-                                  limit=count, rank=rank, world=world):
+                                  limit=count, rank=rank, world=world, view=view):
         feats.append(F.normalize(module.features(images.to(param.device, param.dtype)).float(), dim=1).cpu())
         labels.append(y)
     for _ in range(passes - len(feats)):
@@ -240,7 +253,7 @@ def _embed_share(module: ContrastiveModel, url: str, *, image_size: int, limit: 
 
 
 def knn_during_training(module: ContrastiveModel, eval_cfg, *, image_size: int, rank: int, world: int,
-                        storage_options: dict | None = None, batch_size: int = 256) -> float | None:
+                        storage_options: dict | None = None, batch_size: int = 256, view=None) -> float | None:
     """kNN top-1 of the live model's encoder on `eval_cfg`'s small labeled sets; every rank calls it.
 
     Each rank embeds every world-th sample of the first `eval_cfg.max_samples`; rank 0
@@ -254,7 +267,8 @@ def knn_during_training(module: ContrastiveModel, eval_cfg, *, image_size: int, 
         shares = {}
         for name, url in (("train", eval_cfg.train_url), ("test", eval_cfg.test_url)):
             shares[name] = _embed_share(module, url, image_size=image_size, limit=eval_cfg.max_samples, rank=rank,
-                                        world=world, batch_size=batch_size, storage_options=storage_options)
+                                        world=world, batch_size=batch_size, storage_options=storage_options,
+                                        view=view)
     finally:
         module.train()
     if world > 1:

@@ -114,7 +114,8 @@ class Run:
     def evaluate(self, step: int) -> None:
         """kNN top-1 of the live encoder; every rank embeds its share, rank 0 scores and logs."""
         top1 = knn_during_training(self.engine.module, self.cfg.eval, image_size=self.cfg.data.image_size,
-                                   rank=self.rank, world=self.world, storage_options=self.eval_options)
+                                   rank=self.rank, world=self.world, storage_options=self.eval_options,
+                                   view=self.method.eval_view())
         if self.report.log is not None:
             self.report.log.add_eval(step, knn_top1=top1)
             say(f"kNN top-1 at step {step}: {top1:.4f}")

@@ -127,26 +127,27 @@ def class_names(url: str, storage_options: dict | None = None) -> list[str]:
 
 @torch.no_grad()
 def embed_labeled(features: Callable[[torch.Tensor], torch.Tensor], url: str, *, image_size: int, limit: int = 0,
-                  batch_size: int = 256, storage_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  batch_size: int = 256, storage_options: dict | None = None,
+                  view=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) image embeddings `features(images)` and (N,) labels of the first `limit` samples
     (0: all) at `url`, in manifest order (`evaluate.iter_labeled`)."""
     feats, labels = [], []
     for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size,
-                                  storage_options=storage_options, limit=limit):
+                                  storage_options=storage_options, limit=limit, view=view):
         feats.append(features(images).float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
 def iter_captioned(url: str, *, image_size: int, limit: int = 0, batch_size: int = 256,
-                   storage_options: dict | None = None) -> Iterator[tuple[torch.Tensor, list[str]]]:
+                   storage_options: dict | None = None, view=None) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """The first `limit` (0: all) (image, caption) pairs at `url` in manifest order, in batches:
     (images (B, 3, S, S) as `augment.EvalView` makes them, B captions). A sample without
     a `.txt` is an EvaluationError naming it (retrieval needs every pair)."""
     from ssl_dist.augment import EvalView  # imports torchvision: only when reading images
 
     shards = data.ShardSet(url, storage_options if storage_options is not None else storage.storage_options(url))
-    view = EvalView(image_size)
+    view = view or EvalView(image_size)  # the method's eval_view(), else SimCLR's normalisation
     images, captions, position = [], [], 0
     for shard, count in enumerate(shards.counts.tolist()):
         if limit and position >= limit:
@@ -171,12 +172,12 @@ def iter_captioned(url: str, *, image_size: int, limit: int = 0, batch_size: int
 def embed_captioned(features: Callable[[torch.Tensor], torch.Tensor],
                     encode_text: Callable[[torch.Tensor], torch.Tensor], tokenizer: Callable, url: str, *,
                     image_size: int, limit: int = 0, batch_size: int = 256,
-                    storage_options: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    storage_options: dict | None = None, view=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D) image embeddings and (N, D) caption embeddings of the pairs at `url` (row i of
-    both is pair i), for `retrieval_recall`."""
+    both is pair i), for `retrieval_recall`. `view`: the method's `eval_view()`."""
     image_emb, text_emb = [], []
     for images, captions in iter_captioned(url, image_size=image_size, limit=limit, batch_size=batch_size,
-                                           storage_options=storage_options):
+                                           storage_options=storage_options, view=view):
         image_emb.append(features(images).float())
         text_emb.append(encode_text(tokenizer(captions)).float())
     return torch.cat(image_emb), torch.cat(text_emb)

@@ -72,6 +72,14 @@ class Method:
         tensors (views, tokens). Must pickle (a class instance, not a closure)."""
         raise NotImplementedError
 
+    def eval_view(self) -> Callable[[dict], dict]:
+        """Per-sample transform of evaluation (kNN, zero-shot, retrieval): a decoded sample ->
+        {"__key__", "image": float (3, S, S), "cls"}, resized and normalised as this method's
+        training inputs are. Default: `augment.EvalView` at data.image_size."""
+        from ssl_dist import augment
+
+        return augment.EvalView(self.cfg.data.image_size)
+
     def on_device(self, batch: dict[str, Any], *, epoch: int, device: torch.device) -> dict[str, Any]:
         """Per-batch work on the training device before `forward` (e.g. views of a whole
         uint8 batch on the GPU); draws must depend only on (seed, epoch, batch, rank).

@@ -79,6 +79,14 @@ class CLIP(Method):
     def sample_transform(self) -> Callable[[dict], dict]:
         return ImageText(self.cfg.model.clip_arch, self.cfg.data.image_size)
 
+    def eval_view(self) -> Callable[[dict], dict]:
+        """Resize, centre crop and open_clip's mean and std: the inputs the towers trained on."""
+        import open_clip
+
+        from ssl_dist import augment
+
+        return augment.EvalView(self.cfg.data.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
     def forward(self, engine, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """This rank's (b,) pairs through both towers. Images are cast to the engine's
         parameter dtype (bf16 under train.precision=bf16), tokens stay long; embeddings and

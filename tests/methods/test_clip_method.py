@@ -104,3 +104,21 @@ def test_gradient_caching_equals_the_whole_batch_step(tmp_path):
             assert p_whole[name].shape == (1,) and abs(float(p_whole[name]) - value) > 1e-4, (method, name)
         for name, a in p_whole.items():  # ...and every parameter the same both ways
             torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+
+
+@pytest.mark.parametrize("method, mean_of", [("clip", "open_clip"), ("simclr", "augment")])
+def test_evaluation_normalises_images_as_the_method_trained_on_them(method, mean_of):
+    # kNN, zero-shot and retrieval read images through the method's eval_view: a CLIP
+    # checkpoint was once evaluated on inputs normalised with SimCLR's CIFAR statistics.
+    import open_clip
+
+    from ssl_dist import augment, evaluate
+
+    cfg = clip_cfg(method=method)
+    grey = Image.new("RGB", (40, 40), (128, 128, 128))
+    image = evaluate.eval_view(cfg)({"__key__": "k", "image": grey})["image"]
+    mean, std = ((open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD) if mean_of == "open_clip"
+                 else (augment.MEAN, augment.STD))
+    want = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
+    assert image.shape == (3, cfg.data.image_size, cfg.data.image_size)
+    torch.testing.assert_close(image[:, 0, 0], want, rtol=1e-5, atol=1e-5)
