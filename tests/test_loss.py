@@ -354,25 +354,31 @@ def check_direct(check, name, chunk, rank, world):
         check(f"grad param {i}", mean_over_ranks(p.grad), ref_grads[2 + i])
 
 
-def check_masked(check, chunk, rank, world):
-    """nt_xent with invalid slots (a different number on each rank) against the global batch
-    without them: the mean over ranks, and each rank's input gradients after the 1/W."""
+def check_masked(check, name, chunk, rank, world):
+    """nt_xent or clip with invalid slots (a different number on each rank) against the global
+    batch without them: the mean over ranks, and each rank's input (and scale) gradients after the 1/W."""
     za_all, zb_all = global_embeddings(world)
     valid_all = torch.ones(world * N_LOCAL, dtype=torch.bool)
     valid_all[[i for i in (1, 4, 12, 23) if i < world * N_LOCAL]] = False  # ranks 0-3 lose 2, 0, 1, 1 slots
     rows = slice(rank * N_LOCAL, (rank + 1) * N_LOCAL)
     za = za_all[rows].clone().requires_grad_()
     zb = zb_all[rows].clone().requires_grad_()
-    loss = L.nt_xent(za, zb, TAU, valid=valid_all[rows], chunk_size=chunk)
+    params, ref_params = make_params(name), make_params(name)
+    if name == "nt_xent":
+        loss = L.nt_xent(za, zb, TAU, valid=valid_all[rows], chunk_size=chunk)
+    else:
+        loss = L.clip_loss(za, zb, params[0], valid=valid_all[rows], chunk_size=chunk)
     loss.backward()
 
     ref_a, ref_b = za_all[valid_all].clone().requires_grad_(), zb_all[valid_all].clone().requires_grad_()
-    ref = ref_nt_xent(ref_a, ref_b, []).mean()
+    ref = REFS[name](ref_a, ref_b, ref_params).mean()
     want_a, want_b = (torch.zeros_like(za_all) for _ in range(2))
-    want_a[valid_all], want_b[valid_all] = torch.autograd.grad(ref, [ref_a, ref_b])
-    check("masked mean loss over ranks", mean_over_ranks(loss), ref)
-    check("masked grad a", za.grad / world, want_a[rows])
-    check("masked grad b", zb.grad / world, want_b[rows])
+    want_a[valid_all], want_b[valid_all], *want_params = torch.autograd.grad(ref, [ref_a, ref_b, *ref_params])
+    check(f"masked {name} mean loss over ranks", mean_over_ranks(loss), ref)
+    check(f"masked {name} grad a", za.grad / world, want_a[rows])
+    check(f"masked {name} grad b", zb.grad / world, want_b[rows])
+    for p, want in zip(params, want_params):
+        check(f"masked {name} grad scale", mean_over_ranks(p.grad), want)
 
 
 def check_gradcache(check, name, chunk, rank, world):
@@ -411,10 +417,11 @@ def distributed_worker(rank, world, port):
         c = Checker(f"world={world} rank={rank}")
         check_gather(c, rank, world)
         failures += c.failures
-        for chunk in (None, CHUNK):
-            c = Checker(f"world={world} rank={rank} masked nt_xent chunk={chunk}")
-            check_masked(c, chunk, rank, world)
-            failures += c.failures
+        for name in ("nt_xent", "clip"):
+            for chunk in (None, CHUNK):
+                c = Checker(f"world={world} rank={rank} masked {name} chunk={chunk}")
+                check_masked(c, name, chunk, rank, world)
+                failures += c.failures
         for name in ("nt_xent", "clip", "siglip"):
             for chunk in (None, CHUNK):
                 c = Checker(f"world={world} rank={rank} {name} chunk={chunk}")

@@ -182,8 +182,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: to
 # CLIP: symmetric InfoNCE over paired inputs
 
 
-def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, chunk_size: int | None = None,
-              group=None) -> torch.Tensor:
+def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, valid: torch.Tensor | None = None,
+              chunk_size: int | None = None, group=None) -> torch.Tensor:
     """CLIP's symmetric InfoNCE loss of this rank, with negatives from every rank of `group`.
 
     a, b: (n, D) embeddings of the two fields of this rank's n pairs (image/text, ...);
@@ -195,15 +195,33 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, ch
     the N b-rows of the global batch and vice versa; returns (mean_i CE(a_i) + mean_i
     CE(b_i)) / 2 over this rank's n pairs.
 
+    valid: (n,) bool, False for a slot holding the loader's copy of another pair (in place of
+    a skipped sample): it is no anchor and no negative, and the loss is that of the global
+    batch without it (as nt_xent's `valid`); None: every slot counts. Every rank passes a
+    mask, or none does.
+
     chunk_size: anchor rows per chunk (None: all n at once); peak memory ~ chunk x N x 4 B.
     """
     dtype = compute_dtype(a, b)
     n, d = a.shape
     a = F.normalize(a.to(dtype), dim=1)
     b = F.normalize(b.to(dtype), dim=1)
-    both = gather(torch.cat([a, b], dim=1), group)  # one collective for both fields: (N, 2D)
     scale = scalar_like(logit_scale, a).clamp(max=CLIP_MAX_LOGIT_SCALE).exp()
-    # a-rows against the b half of the gathered pairs, b-rows against the a half
-    lse = _sum_row_lse(both, scale, [a, b], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size)
-    pos = (a * b).sum() * scale  # local row i's label is global column rank * n + i
-    return (lse - 2 * pos) / (2 * n)
+    if valid is None:
+        both = gather(torch.cat([a, b], dim=1), group)  # one collective for both fields: (N, 2D)
+        # a-rows against the b half of the gathered pairs, b-rows against the a half
+        lse = _sum_row_lse(both, scale, [a, b], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size)
+        pos = (a * b).sum() * scale  # local row i's label is global column rank * n + i
+        return (lse - 2 * pos) / (2 * n)
+
+    _, world = rank_and_world(group)
+    keep = valid.to(device=a.device, dtype=torch.bool)
+    # The mask rides along as one more column of the same gather: (N, 2D + 1)
+    both = gather(torch.cat([a, b, keep.to(dtype).unsqueeze(1)], dim=1), group)
+    col_keep = both[:, 2 * d] > 0.5
+    col_bias = torch.zeros(col_keep.shape, dtype=dtype, device=both.device).masked_fill_(~col_keep, float("-inf"))
+    lse = _sum_row_lse(both, scale, [a, b], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size,
+                       mask=([keep, keep], col_bias))
+    pos = torch.where(keep, (a * b).sum(dim=1), 0.0).sum() * scale  # where(): no host sync
+    per_rank = col_keep.sum().to(dtype).div(world).clamp_min(1.0)  # valid pairs per rank, on average
+    return (lse - 2 * pos) / (2 * per_rank)

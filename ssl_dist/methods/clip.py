@@ -98,9 +98,9 @@ class CLIP(Method):
         return tuple(out.float() for out in engine(images, tokens))
 
     def loss(self, outputs: tuple[torch.Tensor, ...], valid: torch.Tensor | None) -> torch.Tensor:
-        # clip_loss has no validity mask yet: a skipped sample's stand-in copy counts as a pair.
+        # valid: a skipped sample's stand-in copy is no anchor and no negative
         image, text, scale = outputs
-        return clip_loss(image, text, scale, chunk_size=self.cfg.loss.chunk_size or None)
+        return clip_loss(image, text, scale, valid=valid, chunk_size=self.cfg.loss.chunk_size or None)
 
 
 class SigLIP(CLIP):
@@ -113,6 +113,6 @@ class SigLIP(CLIP):
     init_logit_bias = -10.0
 
     def loss(self, outputs: tuple[torch.Tensor, ...], valid: torch.Tensor | None) -> torch.Tensor:
-        # siglip_loss has no validity mask yet (as clip_loss).
+        # siglip_loss has no validity mask yet: a skipped sample's stand-in copy counts as a pair.
         image, text, scale, bias = outputs
         return siglip_loss(image, text, scale, bias, chunk_size=self.cfg.loss.chunk_size or None)
