@@ -1,7 +1,8 @@
 """When a run checkpoints (the Checkpointer's schedule) and what each rank's part holds.
 
 The schedule is tested without Ray: the pure decision, a fake clock, the collective on a
-gloo group of one. Saving through Ray Train is covered end to end in the fault-tolerance tests.
+gloo group of one. What a part holds is written by a real DeepSpeed engine in a spawned
+rank. Saving through Ray Train is covered end to end in the fault-tolerance tests.
 """
 
 from __future__ import annotations
@@ -76,17 +77,6 @@ def test_decide_by_rank0s_clock_through_the_group(group_of_one):
     assert timed.decide(4)
 
 
-class FakeEngine:
-    """The two calls `save` makes of a DeepSpeed engine, writing tiny files."""
-
-    def save_checkpoint(self, directory, tag):
-        from pathlib import Path
-
-        (Path(directory) / tag).mkdir(parents=True)
-        (Path(directory) / tag / "mp_rank_00_model_states.pt").write_bytes(b"m" * 20)
-        (Path(directory) / "latest").write_text(tag)
-
-
 class FakeLoader:
     class layout:
         global_batch = 30
@@ -95,18 +85,38 @@ class FakeLoader:
         return {"epoch": 1}
 
 
-def test_save_records_the_plans_target_and_the_typed_config(tmp_path):
-    cfg = config.load(None, ["data.batch_size=16", "run.num_workers=2", "train.zero_stage=2"])
+def save_with_a_real_engine(rank: int, port: int, folder: str, out: dict) -> None:
+    """In a spawned rank of a gloo group of one: a real DeepSpeed ZeRO-2 engine saves its part."""
+    import torch
+
+    from ranks import join_group
+    from ssl_dist.engine import build_engine
+
+    join_group(rank, port, world=1)
+    cfg = config.load(None, ["data.batch_size=16", "run.num_workers=2", "train.zero_stage=2", "optim.name=sgd"])
+    engine = build_engine(torch.nn.Linear(4, 2), cfg, 1, micro_batch=10)
     plan = checkpoint.BatchPlan(global_batch=32, per_worker=10, note="rounded down")
+    checkpoint.save(folder, engine=engine, loader=FakeLoader(), state=checkpoint.TrainState(8, 256), rank=0,
+                    world_size=3, config=cfg, batch=plan)
+    out["config"] = config.to_dict(cfg)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_save_records_the_plans_target_and_the_typed_config(tmp_path):
+    from ranks import spawn_ranks
+
     folder = tmp_path / checkpoint.checkpoint_name(8)
     folder.mkdir()
-    checkpoint.save(folder, engine=FakeEngine(), loader=FakeLoader(), state=checkpoint.TrainState(8, 256), rank=0,
-                    world_size=3, config=cfg, batch=plan)
+    cfg = config.from_dict(spawn_ranks(save_with_a_real_engine, str(folder), world=1)["config"])
     meta = json.loads((folder / checkpoint.META).read_text())
     assert list(meta) == ["format", "step", "samples_seen", "world_size", "global_batch", "target_global_batch",
                           "zero_stage", "time", "config"]
     assert (meta["step"], meta["samples_seen"], meta["world_size"]) == (8, 256, 3)
     assert (meta["global_batch"], meta["target_global_batch"], meta["zero_stage"]) == (30, 32, 2)
-    assert config.from_dict(meta["config"]) == cfg
+    assert config.from_dict(meta["config"]) == cfg and cfg.data.batch_size == 16  # as given, not the per-worker 10
     part = json.loads((folder / checkpoint.part_file(0)).read_text())
+    written = {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
     assert {checkpoint.META, checkpoint.stream_file(0), checkpoint.rng_file(0), "latest"} <= set(part["files"])
+    assert any(name.startswith(f"{checkpoint.TAG}/") and name.endswith("model_states.pt") for name in part["files"])
+    assert {k: v for k, v in written.items() if k != checkpoint.part_file(0)} == part["files"]  # every file, its size
