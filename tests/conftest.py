@@ -79,3 +79,13 @@ def cifar_shards_s3(tmp_path_factory, s3_endpoint):
     make_shards(str(test_src), f"s3://{bucket}/test", samples_per_shard=50, workers=2)
     return {"train": f"s3://{bucket}/train", "test": f"s3://{bucket}/test", "train_src": train_src,
             "bucket": bucket}
+
+
+@pytest.fixture
+def group_of_one(tmp_path):
+    """A gloo process group of this one process (no Ray): collective code run at world size 1."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    yield dist.new_group(backend="gloo")
+    dist.destroy_process_group()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch.distributed as dist
 
 from ssl_dist import checkpoint, config
@@ -58,13 +57,6 @@ def test_decide_needs_no_collective_unless_the_timed_schedule_must_ask_rank0():
     assert not untimed.decide(3) and untimed.decide(10) and untimed.decide(3, force=True)
     timed = checkpointer("train.checkpoint_every=10", "train.checkpoint_minutes=1", clock=clock)
     assert timed.decide(20) and timed.decide(100)  # due by the step count: rank 0 is not asked
-
-
-@pytest.fixture
-def group_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
-    yield dist.new_group(backend="gloo")
-    dist.destroy_process_group()
 
 
 def test_decide_by_rank0s_clock_through_the_group(group_of_one):
