@@ -355,7 +355,7 @@ def check_direct(check, name, chunk, rank, world):
 
 
 def check_masked(check, name, chunk, rank, world):
-    """nt_xent or clip with invalid slots (a different number on each rank) against the global
+    """nt_xent, clip or siglip with invalid slots (a different number on each rank) against the global
     batch without them: the mean over ranks, and each rank's input (and scale) gradients after the 1/W."""
     za_all, zb_all = global_embeddings(world)
     valid_all = torch.ones(world * N_LOCAL, dtype=torch.bool)
@@ -366,8 +366,10 @@ def check_masked(check, name, chunk, rank, world):
     params, ref_params = make_params(name), make_params(name)
     if name == "nt_xent":
         loss = L.nt_xent(za, zb, TAU, valid=valid_all[rows], chunk_size=chunk)
-    else:
+    elif name == "clip":
         loss = L.clip_loss(za, zb, params[0], valid=valid_all[rows], chunk_size=chunk)
+    else:
+        loss = L.siglip_loss(za, zb, *params, valid=valid_all[rows], chunk_size=chunk)
     loss.backward()
 
     ref_a, ref_b = za_all[valid_all].clone().requires_grad_(), zb_all[valid_all].clone().requires_grad_()
@@ -417,7 +419,7 @@ def distributed_worker(rank, world, port):
         c = Checker(f"world={world} rank={rank}")
         check_gather(c, rank, world)
         failures += c.failures
-        for name in ("nt_xent", "clip"):
+        for name in ("nt_xent", "clip", "siglip"):
             for chunk in (None, CHUNK):
                 c = Checker(f"world={world} rank={rank} masked {name} chunk={chunk}")
                 check_masked(c, name, chunk, rank, world)

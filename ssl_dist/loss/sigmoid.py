@@ -12,6 +12,8 @@ from ssl_dist.loss.numerics import compute_dtype, needs_grad, row_chunks, scalar
 
 # SigLIP: logits above this are clamped before exp; softplus(l) = l there, to 1e-35 (fp32).
 _SIGMOID_CLAMP = {torch.float32: 80.0, torch.float64: 700.0}
+# A logit of an invalid slot: exp underflows to exactly 0 in fp32 and fp64 alike.
+_MASKED = -1e4
 
 
 def _ring_peers(group) -> tuple[int, int]:
@@ -40,19 +42,25 @@ def _wait_all(works) -> None:
         w.wait()
 
 
-def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0, work):
+def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0, work, masked=None):
     """Loss sum and d loss / d logits for one chunk of rows against one block of columns.
 
     Every logit l = <scaled_i, blk_j> + bias is scored as a negative, softplus(l), whose
     gradient is sigmoid(l); the caller adds the positives' correction. diag0: for the own
     block, the column of the chunk's first row (its positive), else None; the gradient
     there becomes sigmoid(l) - 1. work: two (>= rows, n) buffers, reused (no page faults).
+    masked: None, or (row indices, column indices) of the chunk's invalid anchors and of the
+    block's invalid columns, and the chunk's rows' validity as 0./1. (rows,): their logits are
+    set to _MASKED, where softplus and sigmoid are exactly 0 (no loss, no gradient; no mask
+    matrix is built), and only a valid row's positive gets its -1.
     Returns (loss sum, sigmoid matrix -- a view of work[0] -- or None).
     """
     rows = scaled.shape[0]
     e, tmp = work[0][:rows], work[1][:rows]
     torch.mm(scaled, blk.T, out=e)
     e.add_(bias)
+    if masked is not None:
+        e.index_fill_(0, masked[0], _MASKED).index_fill_(1, masked[1], _MASKED)
     excess = 0.0
     if clamp is not None:  # exp would overflow: softplus(l) = l (to 1e-35) above `clamp`
         excess = torch.clamp(e, min=clamp, out=tmp).sum() - clamp * tmp.numel()
@@ -63,9 +71,9 @@ def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0, work):
         return loss, None
     torch.add(e, 1.0, out=tmp)
     p = e.div_(tmp)  # sigmoid(l) = exp(l) / (1 + exp(l)), in place
-    if diag0 is not None:
+    if diag0 is not None:  # the own pairs, on the diagonal from (0, diag0); an invalid one has p = 0 there
         idx = torch.arange(rows, device=p.device)
-        p[idx, diag0 + idx] -= 1.0
+        p[idx, diag0 + idx] -= 1.0 if masked is None else masked[2]
     return loss, p
 
 
@@ -86,7 +94,7 @@ class _SigLipRing(torch.autograd.Function):
 
     @staticmethod
     @without_autocast
-    def forward(ctx, a, b, scale, bias, group, chunk_size, need_grad):
+    def forward(ctx, a, b, scale, bias, valid, group, chunk_size, need_grad):
         _, world = rank_and_world(group)
         n = a.shape[0]
         bound = (scale.abs() + bias.abs()).item()  # |logit| <= scale + |bias| for unit vectors
@@ -95,14 +103,22 @@ class _SigLipRing(torch.autograd.Function):
         grad_a = torch.zeros_like(a) if need_grad else None
         grad_bias = a.new_zeros(())
         blk = b.contiguous()
+        keep = None if valid is None else valid.to(a.dtype)  # (n,) 0./1.: this rank's rows
+        blk_keep = keep  # the validity of the columns in `blk`, which travels with it
+        counted = a.new_zeros(())  # valid columns seen around the ring: the global count
         acc_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of blk, transposed
         spans = row_chunks(n, chunk_size)
         work = a.new_empty(2, spans[0][1], n)  # reused by every chunk of every block
         for k in range(world):
             pending = _shift_right(blk, group) if k + 1 < world else None  # overlaps the products
+            pending_keep = _shift_right(blk_keep, group, tag=2) if keep is not None and k + 1 < world else None
+            masked_cols = None if keep is None else (blk_keep == 0).nonzero().flatten()
+            if keep is not None:
+                counted += blk_keep.sum()
             for i0, i1 in spans:
                 scaled = a[i0:i1] * scale
-                loss, p = _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, i0 if k == 0 else None, work)
+                masked = None if keep is None else ((keep[i0:i1] == 0).nonzero().flatten(), masked_cols, keep[i0:i1])
+                loss, p = _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, i0 if k == 0 else None, work, masked)
                 total += loss
                 if need_grad:
                     grad_bias += p.sum()
@@ -115,22 +131,33 @@ class _SigLipRing(torch.autograd.Function):
             if pending is not None:
                 _wait_all(pending[0])
                 blk = pending[1]
+            if pending_keep is not None:
+                _wait_all(pending_keep[0])
+                blk_keep = pending_keep[1]
         # positives: only in the own block, on its diagonal; softplus(-l) = softplus(l) - l
-        total -= ((a * b).sum() * scale + bias * n)
+        pairs = (a * b).sum(dim=1)
+        if keep is None:
+            total -= pairs.sum() * scale + bias * n
+            per_rank = a.new_tensor(float(n))
+        else:
+            total -= (pairs * keep).sum() * scale + bias * keep.sum()
+            # valid anchors per rank, on average: the mean over ranks is the global mean over them
+            per_rank = (counted / world).clamp_min(1.0)
         if need_grad:
             grad_scale = (grad_a * a).sum().reshape(scale.shape)  # sum_ij dl_ij <a_i, b_j>
             grad_a.mul_(scale)
-            ctx.save_for_backward(grad_a, acc_t.T.contiguous(), grad_scale, grad_bias.reshape(bias.shape))
-        return total
+            grads = (grad_a, acc_t.T.contiguous(), grad_scale, grad_bias.reshape(bias.shape))
+            ctx.save_for_backward(*(g / per_rank for g in grads))
+        return total / per_rank
 
     @staticmethod
     def backward(ctx, g):
         grad_a, grad_b, grad_scale, grad_bias = ctx.saved_tensors
-        return grad_a * g, grad_b * g, grad_scale * g, grad_bias * g, None, None, None
+        return grad_a * g, grad_b * g, grad_scale * g, grad_bias * g, None, None, None, None
 
 
 def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor, *,
-                group=None, chunk_size: int | None = None) -> torch.Tensor:
+                valid: torch.Tensor | None = None, group=None, chunk_size: int | None = None) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss of this rank; negatives travel around a ring of ranks.
 
     a, b: (n, D) embeddings of the two fields of this rank's n pairs (cosine similarity is
@@ -140,6 +167,11 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
     this rank's rows and b_j any of the N rows of the global batch, is a binary problem
     (positive iff the same pair); returns the sum over j, mean over this rank's i, of
     -log sigmoid(label * (exp(logit_scale) <a_i, b_j> + logit_bias)).
+
+    valid: (n,) bool, False for a slot holding the loader's copy of another pair (in place of
+    a skipped one): it is neither an anchor nor a column anywhere, and the sum is divided by
+    the valid pairs per rank on average (their count goes around the ring with the blocks),
+    so that the mean over ranks is the loss of the global batch without them. None: all count.
 
     No rank ever holds the gathered batch: one neighbour's (n, D) block at a time comes by
     send/recv (with its gradient, which travels back to its owner the same way).
@@ -153,4 +185,6 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
     scale = scalar_like(logit_scale, a).exp()
     bias = scalar_like(logit_bias, a)
     need = needs_grad(a, b, scale, bias)
-    return _SigLipRing.apply(a, b, scale, bias, group, chunk_size, need) / a.shape[0]
+    if valid is not None:
+        valid = valid.to(device=a.device, dtype=torch.bool)
+    return _SigLipRing.apply(a, b, scale, bias, valid, group, chunk_size, need)

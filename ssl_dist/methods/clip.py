@@ -113,6 +113,5 @@ class SigLIP(CLIP):
     init_logit_bias = -10.0
 
     def loss(self, outputs: tuple[torch.Tensor, ...], valid: torch.Tensor | None) -> torch.Tensor:
-        # siglip_loss has no validity mask yet: a skipped sample's stand-in copy counts as a pair.
         image, text, scale, bias = outputs
-        return siglip_loss(image, text, scale, bias, chunk_size=self.cfg.loss.chunk_size or None)
+        return siglip_loss(image, text, scale, bias, valid=valid, chunk_size=self.cfg.loss.chunk_size or None)
