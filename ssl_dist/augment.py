@@ -156,3 +156,19 @@ class BatchTwoViews(torch.nn.Module):
         # One pass over both views: each op launches its kernels once for 2B images
         # instead of twice for B (kornia draws the parameters per image either way).
         return self.augment(torch.cat([x, x])).chunk(2)
+
+
+class BatchOneView(torch.nn.Module):
+    """uint8 batch (B, 3, S, S) -> one normalised float view (B, 3, S, S): a random resized
+    crop per image (area fraction in `scale`), then `mean`/`std`; CLIP's light augmentation
+    on whole batches. Deterministic given torch's RNG state, which the caller seeds."""
+
+    def __init__(self, image_size: int, scale: tuple[float, float], mean, std):
+        super().__init__()
+        self.crop = BatchRandomResizedCrop(image_size, scale=scale)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.crop(images.float().div_(255)).sub_(self.mean).div_(self.std)

@@ -58,7 +58,7 @@ class DataConfig:
     read_retries: int = 3
     """Retries, with exponential backoff from 0.5 s, before an unreadable shard is skipped."""
     augment: Literal["per_sample", "per_batch"] = "per_sample"
-    """Where the two views are made: per_sample in the loader workers (torchvision, PIL), or per_batch on the training device (kornia, one draw per image; loader workers only decode)."""
+    """Where the views (SimCLR's two, CLIP's crop) are made: per_sample in the loader workers (torchvision, PIL), or per_batch on the training device (one draw per image; loader workers only decode)."""
     seed: int = 0
     """Seed of the data order (shard and sample shuffle); the order is a function of (seed, epoch, manifest)."""
     shuffle_window: int = 4096

@@ -3,9 +3,12 @@ tower and one text tower from open_clip's model definitions (`model.clip_arch`),
 logit scale (and SigLIP's bias) in the engine's module, and a loss whose negatives are the
 texts and images of every rank (`loss.clip_loss`, `loss.siglip_loss`).
 
-In the loader workers each sample's image is randomly crop-resized (scale 0.9-1, CLIP's
-light augmentation) and normalised with open_clip's mean and std, and its caption (`KEY.txt`)
-is tokenized to the model's context length. The image tower is built at `data.image_size`
+Each image is randomly crop-resized (area 0.9-1, CLIP's light augmentation) and normalised
+with open_clip's mean and std: in the loader workers (`data.augment=per_sample`), or on the
+training device for the whole batch (`per_batch`: the loader workers only resize and centre
+crop; one draw per image, seeded by (seed, epoch, batch, rank), so a resumed run crops every
+batch as the uninterrupted one did). The caption (`KEY.txt`) is tokenized to the model's
+context length in the loader workers either way. The image tower is built at `data.image_size`
 (open_clip's force_image_size), so that training, kNN evaluation and export agree on it.
 """
 
@@ -17,32 +20,41 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ssl_dist.data import sample_seed
 from ssl_dist.loss import clip_loss, siglip_loss
 from ssl_dist.methods import MethodError
 from ssl_dist.methods.base import Method
 
 
+CROP_SCALE = (0.9, 1.0)  # area fraction of CLIP's random resized crop
+
+
 class ImageText:
     """Loader-worker transform: decoded sample {"__key__", "image": PIL, "txt": str, ...} ->
-    {"__key__", "image": float (3, S, S) normalised, "tokens": long (context_length,)}.
-    A class holding open_clip's tokenizer and torchvision transforms, so that it pickles."""
+    {"__key__", "image", "tokens": long (context_length,)}; "image" is float (3, S, S),
+    cropped and normalised, or with `per_batch` uint8 (3, S, S), resized and centre-cropped
+    (the crop is drawn on the device). A class holding open_clip's tokenizer and torchvision
+    transforms, so that it pickles."""
 
-    def __init__(self, arch: str, image_size: int):
+    def __init__(self, arch: str, image_size: int, *, per_batch: bool = False):
         import open_clip
         from torchvision.transforms import v2
 
         from ssl_dist import model
 
         self.tokenizer = model.build_tokenizer(arch)
-        self.augment = v2.Compose([
-            v2.RandomResizedCrop(image_size, scale=(0.9, 1.0), antialias=True),
-            v2.ToImage(),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
-        ])
+        if per_batch:
+            self.augment = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.ToImage()])
+        else:
+            self.augment = v2.Compose([
+                v2.RandomResizedCrop(image_size, scale=CROP_SCALE, antialias=True),
+                v2.ToImage(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),
+            ])
 
     def __call__(self, sample: dict) -> dict:
-        return {"__key__": sample["__key__"], "image": self.augment(sample["image"]),
+        return {"__key__": sample["__key__"], "image": self.augment(sample["image"]).as_subclass(torch.Tensor),
                 "tokens": self.tokenizer([sample["txt"]])[0]}
 
 
@@ -56,14 +68,16 @@ class CLIP(Method):
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float | None = None
 
+    def __init__(self, cfg, *, rank: int = 0):
+        super().__init__(cfg, rank=rank)
+        self.per_batch = cfg.data.augment == "per_batch"
+        self.batch_view: nn.Module | None = None  # made on the first batch, on its device
+
     @classmethod
     def check(cls, cfg) -> None:
-        """Driver-side: model.clip_arch names an open_clip config, and the augmentation is per sample."""
+        """Driver-side: model.clip_arch names an open_clip config."""
         from ssl_dist import model
 
-        if cfg.data.augment == "per_batch":
-            raise MethodError(f"method.name={cls.name} augments per sample in the loader workers (crop and "
-                              f"tokenize): set data.augment=per_sample")
         try:
             model.clip_model_config(cfg.model.clip_arch)
         except ValueError as err:
@@ -77,7 +91,7 @@ class CLIP(Method):
                                             init_logit_bias=self.init_logit_bias)
 
     def sample_transform(self) -> Callable[[dict], dict]:
-        return ImageText(self.cfg.model.clip_arch, self.cfg.data.image_size)
+        return ImageText(self.cfg.model.clip_arch, self.cfg.data.image_size, per_batch=self.per_batch)
 
     def eval_view(self) -> Callable[[dict], dict]:
         """Resize, centre crop and open_clip's mean and std: the inputs the towers trained on."""
@@ -86,6 +100,21 @@ class CLIP(Method):
         from ssl_dist import augment
 
         return augment.EvalView(self.cfg.data.image_size, open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD)
+
+    def on_device(self, batch: dict[str, Any], *, epoch: int, device: torch.device) -> dict[str, Any]:
+        """data.augment=per_batch: the uint8 (b, 3, S, S) "image" becomes its float crops (b, 3, S, S)."""
+        if not self.per_batch:
+            return batch
+        if self.batch_view is None:
+            import open_clip
+
+            from ssl_dist import augment
+
+            self.batch_view = augment.BatchOneView(self.cfg.data.image_size, CROP_SCALE, open_clip.OPENAI_DATASET_MEAN,
+                                                   open_clip.OPENAI_DATASET_STD).to(device)
+        torch.manual_seed(sample_seed(self.cfg.data.seed, epoch, f"batch{batch['__batch__']}/rank{self.rank}"))
+        batch["image"] = self.batch_view(batch["image"].to(device, non_blocking=True))
+        return batch
 
     def forward(self, engine, batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         """This rank's (b,) pairs through both towers. Images are cast to the engine's

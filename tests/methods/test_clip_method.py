@@ -44,9 +44,28 @@ def test_a_bad_clip_arch_is_one_clear_error_on_the_driver(arch):
         check_method(clip_cfg(arch=arch), {})
 
 
-def test_per_batch_augmentation_is_refused():
-    with pytest.raises(LaunchError, match="data.augment=per_sample"):
-        check_method(clip_cfg("data.augment=per_batch"), {})
+@pytest.mark.parametrize("method", ["clip", "siglip"])
+def test_per_batch_augmentation_crops_on_the_device_reproducibly(method):
+    cfg = clip_cfg("data.augment=per_batch", method=method)
+    check_method(cfg, {})  # accepted on the driver
+    transform = pickle.loads(pickle.dumps(resolve(method)(cfg).sample_transform()))
+    flat = Image.new("RGB", (48, 40), (200, 10, 10))
+    rng = torch.Generator().manual_seed(0)
+    noise = Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=rng, dtype=torch.uint8).numpy())
+    samples = [transform({"__key__": f"k{i}", "image": im, "txt": "a red square"}) for i, im in enumerate([flat, noise])]
+    assert all(s["image"].dtype == torch.uint8 and s["image"].shape == (3, 32, 32) for s in samples)
+
+    def on_device(batch_index, epoch=0, rank=0):
+        batch = {"image": torch.stack([s["image"] for s in samples]), "__batch__": batch_index}
+        return resolve(method)(cfg, rank=rank).on_device(batch, epoch=epoch, device=torch.device("cpu"))["image"]
+
+    first = on_device(3)
+    assert first.shape == (2, 3, 32, 32) and first.dtype == torch.float32
+    # a flat image is the same under any crop: normalised as the per-sample path normalises it
+    per_sample = resolve(method)(clip_cfg(method=method)).sample_transform()({"__key__": "k", "image": flat, "txt": "x"})
+    torch.testing.assert_close(first[0], per_sample["image"], atol=1e-5, rtol=0)
+    assert torch.equal(on_device(3), first)  # seeded by (seed, epoch, batch, rank): a resume redraws it
+    assert not torch.equal(on_device(4)[1], first[1]) and not torch.equal(on_device(3, rank=1)[1], first[1])
 
 
 def test_builtin_names_resolve():
