@@ -128,8 +128,12 @@ def cmd_export(args) -> None:
     from ssl_dist import export
 
     spec = export.export_encoder(args.checkpoint, args.out)
-    print(f"wrote the encoder of {spec['checkpoint']} (step {spec['step']}, {spec['arch']}, "
-          f"{spec['feature_dim']}-d features) to {args.out}: {export.WEIGHTS} + {export.SPEC}")
+    towers = spec.get("open_clip")  # an image-text checkpoint: open_clip's files too
+    files = [export.WEIGHTS, export.SPEC] + ([towers["weights"], towers["config"]] if towers else [])
+    print(f"wrote {'both towers' if towers else 'the encoder'} of {spec['checkpoint']} (step {spec['step']}, "
+          f"{spec['arch']}, {spec['feature_dim']}-d features) to {args.out}: {' + '.join(files)}")
+    if towers:
+        print(f"load it with open_clip.create_model_and_transforms('local-dir:{args.out}')")
 
 
 def cmd_evaluate(args) -> None:

@@ -15,6 +15,9 @@ channel counts). Loading needs neither DeepSpeed nor Ray (see the README):
 The fp32 weights come from `checkpoint.weights` (through `evaluate.load_checkpoint_model`,
 which builds the model), consolidated from the ZeRO shards with DeepSpeed's own
 `zero_to_fp32` where needed, whatever the number of workers that wrote them.
+
+An image-text checkpoint (method.name=clip or siglip) is exported by `export_clip`: both
+towers as open_clip itself loads them, plus the image tower as encoder.safetensors + .json.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from ssl_dist import storage
 WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
 FORMAT = "ssl_dist.encoder/1"
+# Every file name an export writes (this module's and export_clip's): what replacing an export removes.
+OWNED = {WEIGHTS, SPEC, "open_clip_model.safetensors", "open_clip_config.json"}
 
 
 class ExportError(RuntimeError):
@@ -65,7 +70,9 @@ def encoder_state(model) -> dict[str, torch.Tensor]:
 
 def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | None = None) -> dict:
     """Write `encoder.safetensors` and `encoder.json` for the checkpoint at `checkpoint_url`
-    into the folder `out_url`. Returns the JSON written."""
+    into the folder `out_url`; for an image-text checkpoint (method.name=clip or siglip) also
+    both towers as open_clip loads them (`export_clip`). Returns the JSON written (encoder.json).
+    Called by `ssl-dist export`."""
     import torchvision
     from safetensors.torch import save_file
 
@@ -75,6 +82,10 @@ def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | No
     options = storage_options if storage_options is not None else storage.storage_options(checkpoint_url)
     info = resolve_checkpoint(checkpoint_url, options)
     model, cfg = load_checkpoint_model(info.url, options)
+    if callable(getattr(model, "encode_text", None)):  # an image-text model (CLIP, SigLIP): both towers
+        from ssl_dist import export_clip
+
+        return export_clip.export_image_text(model, cfg, info, out_url, storage_options)
     spec = {
         "format": FORMAT,
         "arch": cfg.model.arch,
@@ -90,16 +101,30 @@ def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | No
         "step": info.step,
         "torchvision": torchvision.__version__,
     }
-    out_options = storage.storage_options(out_url) if storage_options is None else storage_options
-    fs, path = storage.filesystem(out_url, out_options)
     with tempfile.TemporaryDirectory(prefix="ssl-dist-export-") as tmp:
         save_file(encoder_state(model), str(Path(tmp) / WEIGHTS), metadata={"format": FORMAT, "arch": spec["arch"]})
         (Path(tmp) / SPEC).write_text(json.dumps(spec, indent=1))
-        with storage.translate_errors(out_url):
-            fs.makedirs(path, exist_ok=True)
-            for name in (WEIGHTS, SPEC):
-                fs.put_file(str(Path(tmp) / name), f"{path}/{name}")
+        put_files(tmp, out_url, storage_options)
     return spec
+
+
+def put_files(tmp: str, out_url: str, storage_options: dict | None = None) -> None:
+    """Upload every file of the local folder `tmp` into the folder `out_url`, the spec last,
+    and remove the files of `OWNED` that this export did not write: exporting into a folder
+    that holds an earlier export replaces it, never leaves a mix of two (a SimCLR export over
+    a CLIP one would otherwise leave open_clip's files of the other checkpoint behind).
+    Called by `export_encoder` and `export_clip.export_image_text`."""
+    options = storage.storage_options(out_url) if storage_options is None else storage_options
+    fs, path = storage.filesystem(out_url, options)
+    names = sorted(p.name for p in Path(tmp).iterdir())
+    names.sort(key=lambda name: name == SPEC)  # a reader that finds the spec finds the weights beside it
+    with storage.translate_errors(out_url):
+        fs.makedirs(path, exist_ok=True)
+        for name in names:
+            fs.put_file(str(Path(tmp) / name), f"{path}/{name}")
+        for name in OWNED - set(names):
+            if fs.exists(f"{path}/{name}"):
+                fs.rm(f"{path}/{name}")
 
 
 def load_encoder(folder: str) -> torch.nn.Module:
