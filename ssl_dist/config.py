@@ -180,11 +180,13 @@ class StorageConfig:
 @dataclass
 class EvalConfig:
     every: int = 0
-    """kNN evaluation of the live encoder every this many steps during training (and at the last step); 0: off."""
+    """Evaluate the live model every this many steps during training (and at the last step): kNN, and zero-shot for clip/siglip; 0: off."""
     train_url: str = ""
-    """Labeled shards (KEY.cls) whose features are the kNN neighbours; keep it small, it is embedded at every evaluation."""
+    """Labeled shards (KEY.cls) whose features are the kNN neighbours (empty: no kNN); keep it small, it is embedded at every evaluation."""
     test_url: str = ""
-    """Labeled shards whose samples are the kNN queries."""
+    """Labeled shards whose samples are the kNN queries and, for clip/siglip, zero-shot classified by their manifest's class names."""
+    templates: str = ""
+    """Zero-shot prompt templates during training, one per line with {} for the class name; empty: CLIP's CIFAR-10 ones."""
     k: int = 200
     """Neighbours per query (cosine similarity, votes weighted by exp(similarity / 0.1))."""
     max_samples: int = 2000
@@ -240,9 +242,9 @@ class Config:
                               f"{', '.join(BUILTIN_METHODS)}, or package.module:Class for a method of your own")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
-        if self.eval.every and not (self.eval.train_url and self.eval.test_url):
-            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.train_url and "
-                              f"eval.test_url (e.g. small sets made with `ssl-dist shards make`)")
+        if self.eval.every and not self.eval.test_url:
+            raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.test_url (and "
+                              f"eval.train_url for kNN), e.g. small sets made with `ssl-dist shards make`")
 
 
 # ---- loading and merging ---------------------------------------------------------------

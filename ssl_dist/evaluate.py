@@ -3,13 +3,11 @@ for image-text models also zero-shot top-1 and retrieval recall (the math in `ze
 
 Reads checkpoints without Ray or a DeepSpeed engine: the fp32 weights come from
 `checkpoint.weights` (consolidated from the ZeRO shards with DeepSpeed's own `zero_to_fp32`
-where needed). During training, `knn_during_training` scores the live model on small
-labeled sets, every rank embedding its share.
+where needed). During training, `live_eval` scores the live model on small labeled sets.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
@@ -213,71 +211,3 @@ def evaluate_text_checkpoint(checkpoint_url: str, *, zero_shot_url: str = "", te
                             retrieval_url=retrieval_url, max_samples=max_samples)
         scores.update({f"{key}{suffix}": value for key, value in found.items()})
     return scores
-
-
-# ---- during training ------------------------------------------------------------------------
-
-
-def eval_storage_options(cfg, loop_config: dict) -> dict:
-    """fsspec options for the eval sets on a worker: the driver's data options when they live
-    in the same kind of store as the training data, else made here from `cfg.storage`."""
-    url = cfg.eval.train_url
-    if url.split("://")[0] == cfg.data.train_url.split("://")[0] and "://" in url:
-        return loop_config["data_options"]
-    return storage.options_from_config(url, cfg.storage)
-
-
-@torch.no_grad()
-def _embed_share(module: ContrastiveModel, url: str, *, image_size: int, limit: int, rank: int, world: int,
-                 batch_size: int, storage_options: dict | None, view=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of the features of the first `limit` samples at `url`.
-
-    Every rank runs the same number of forward passes (padding with a blank batch): under
-    ZeRO-3 a forward pass gathers parameters from every rank, so a rank that stopped early
-    would leave the others waiting.
-    """
-    param = next(module.parameters())
-    total = data.ShardSet(url, storage_options).total
-    count = min(total, limit) if limit else total
-    passes = math.ceil(math.ceil(count / world) / batch_size)
-    feats, labels = [], []
-    for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options,
-                                  limit=count, rank=rank, world=world, view=view):
-        feats.append(F.normalize(module.features(images.to(param.device, param.dtype)).float(), dim=1).cpu())
-        labels.append(y)
-    for _ in range(passes - len(feats)):
-        module.features(torch.zeros(1, 3, image_size, image_size, device=param.device, dtype=param.dtype))
-    width = feats[0].shape[1] if feats else 0
-    return (torch.cat(feats) if feats else torch.zeros(0, width)), (torch.cat(labels) if labels else
-                                                                      torch.zeros(0, dtype=torch.long))
-
-
-def knn_during_training(module: ContrastiveModel, eval_cfg, *, image_size: int, rank: int, world: int,
-                        storage_options: dict | None = None, batch_size: int = 256, view=None) -> float | None:
-    """kNN top-1 of the live model's encoder on `eval_cfg`'s small labeled sets; every rank calls it.
-
-    Each rank embeds every world-th sample of the first `eval_cfg.max_samples`; rank 0
-    gathers the features and scores them. Returns the score on rank 0, None on the others.
-    The module is put back in training mode.
-    """
-    import torch.distributed as dist
-
-    module.eval()
-    try:
-        shares = {}
-        for name, url in (("train", eval_cfg.train_url), ("test", eval_cfg.test_url)):
-            shares[name] = _embed_share(module, url, image_size=image_size, limit=eval_cfg.max_samples, rank=rank,
-                                        world=world, batch_size=batch_size, storage_options=storage_options,
-                                        view=view)
-    finally:
-        module.train()
-    if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, shares)
-    else:
-        gathered = [shares]
-    if rank != 0:
-        return None
-    merged = {name: (torch.cat([g[name][0] for g in gathered]), torch.cat([g[name][1] for g in gathered]))
-              for name in ("train", "test")}
-    return knn_top1(*merged["train"], *merged["test"], k=eval_cfg.k)

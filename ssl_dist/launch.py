@@ -96,16 +96,35 @@ def check_method(cfg, manifest: dict) -> None:
 
 
 def check_eval_sets(cfg) -> None:
-    """The labeled sets that `eval.every` scores during training exist and have a manifest."""
+    """What `eval.every` scores during training can be scored: the labeled sets exist and
+    have a manifest; an image-only method has kNN's eval.train_url; an image-text method's
+    test set names its classes and its templates file reads (zero-shot)."""
+    from ssl_dist import methods, zero_shot
+    from ssl_dist.evaluate import EvaluationError
+
     if not cfg.eval.every:
         return
+    image_text = "txt" in methods.resolve(cfg.method.name).fields
+    if not image_text and not cfg.eval.train_url:
+        raise LaunchError(f"eval.every={cfg.eval.every} with method.name={cfg.method.name} scores kNN, which needs "
+                          f"neighbours: set eval.train_url to a small labeled set")
     for url in (cfg.eval.train_url, cfg.eval.test_url):
+        if not url:
+            continue
         options = storage.options_from_config(url, cfg.storage)
         storage.check_bucket(url, options)
         try:
             shards.read_manifest(url, options)
         except shards.ShardError as err:
             raise LaunchError(f"eval set {url}: {err}") from None
+    if image_text:
+        try:
+            zero_shot.class_names(cfg.eval.test_url, storage.options_from_config(cfg.eval.test_url, cfg.storage))
+            if cfg.eval.templates:
+                zero_shot.read_templates(cfg.eval.templates, storage.options_from_config(cfg.eval.templates,
+                                                                                         cfg.storage))
+        except EvaluationError as err:
+            raise LaunchError(f"eval.every={cfg.eval.every} (zero-shot during training): {err}") from None
 
 
 def write_resolved_config(cfg, storage_options: dict) -> str:
@@ -212,7 +231,8 @@ def with_absolute_paths(cfg):
     return config_lib.merge(cfg, {"data": {"train_url": storage.absolute(cfg.data.train_url)},
                               "run": {"storage_path": storage.absolute(cfg.run.storage_path)},
                               "eval": {"train_url": storage.absolute(cfg.eval.train_url),
-                                       "test_url": storage.absolute(cfg.eval.test_url)}},
+                                       "test_url": storage.absolute(cfg.eval.test_url),
+                                       "templates": storage.absolute(cfg.eval.templates)}},
                         origin="absolute paths")
 
 

@@ -140,6 +140,11 @@ class ImageTextModel(nn.Module):
 
     forward(images (b, 3, S, S), tokens (b, L) long) -> (image_emb (b, D), text_emb (b, D),
     logit_scale (1,)[, logit_bias (1,)]); embeddings not normalised (the losses normalise).
+    Either input may be None (its embedding is then None): `features` and `encode_text` go
+    through forward too, because ZeRO-3 gathers parameters in hooks around module forwards;
+    open_clip's `encode_text` called outside any forward reads the CLIP module's own
+    `positional_embedding` still partitioned (an empty tensor), and zero-shot evaluation
+    during training failed there.
     """
 
     def __init__(self, clip: nn.Module, *, init_logit_scale: float, init_logit_bias: float | None = None):
@@ -153,15 +158,17 @@ class ImageTextModel(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, D): the image tower's output, what kNN evaluation reads."""
-        return self.clip.encode_image(images)
+        return self(images, None)[0]
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D): the text tower's output (zero-shot, retrieval)."""
-        return self.clip.encode_text(tokens)
+        return self(None, tokens)[1]
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         scales = (self.logit_scale,) if self.logit_bias is None else (self.logit_scale, self.logit_bias)
-        return (self.features(images), self.encode_text(tokens), *scales)
+        image = None if images is None else self.clip.encode_image(images)
+        text = None if tokens is None else self.clip.encode_text(tokens)
+        return (image, text, *scales)
 
 
 def build_image_text_model(arch: str, *, image_size: int, init_logit_scale: float,

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ssl_dist import checkpoint, collective, data, methods, records
 from ssl_dist.config import Config
 from ssl_dist.engine import build_engine
-from ssl_dist.evaluate import eval_storage_options, knn_during_training
+from ssl_dist.live_eval import eval_storage_options, eval_templates, knn_during_training, zero_shot_during_training
 from ssl_dist.metrics import MetricsLog
 from ssl_dist.step import optimizer_step
 from ssl_dist.timing import PhaseTimer
@@ -85,6 +85,9 @@ def train_loop(loop_config: dict) -> None:
     run.close()
 
 
+SCORE_NAMES = {"knn_top1": "kNN top-1", "zero_shot_top1": "zero-shot top-1"}
+
+
 @dataclass
 class Run:
     """What one rank's loop holds, made by `start`."""
@@ -112,13 +115,21 @@ class Run:
         return collective.rank0_says(self.rank == 0 and time.monotonic() >= self.deadline, group=self.control)
 
     def evaluate(self, step: int) -> None:
-        """kNN top-1 of the live encoder; every rank embeds its share, rank 0 scores and logs."""
-        top1 = knn_during_training(self.engine.module, self.cfg.eval, image_size=self.cfg.data.image_size,
-                                   rank=self.rank, world=self.world, storage_options=self.eval_options,
-                                   view=self.method.eval_view())
+        """kNN top-1 of the live image features (when eval.train_url is set) and zero-shot top-1
+        of an image-text method (one with a tokenizer); every rank embeds its share, rank 0
+        scores and logs."""
+        scores, common = {}, dict(image_size=self.cfg.data.image_size, rank=self.rank, world=self.world,
+                                  storage_options=self.eval_options, view=self.method.eval_view())
+        if self.cfg.eval.train_url:
+            scores["knn_top1"] = knn_during_training(self.engine.module, self.cfg.eval, **common)
+        tokenizer = self.method.tokenizer()
+        if tokenizer is not None:
+            scores["zero_shot_top1"] = zero_shot_during_training(self.engine.module, self.cfg.eval, tokenizer,
+                                                                 eval_templates(self.cfg.eval), **common)
         if self.report.log is not None:
-            self.report.log.add_eval(step, knn_top1=top1)
-            say(f"kNN top-1 at step {step}: {top1:.4f}")
+            self.report.log.add_eval(step, **scores)
+            for name, value in scores.items():
+                say(f"{SCORE_NAMES[name]} at step {step}: {value:.4f}")
             self.report.log.flush()
 
     def flush_keys(self) -> None:

@@ -1,19 +1,15 @@
 """Watching and evaluating a run, without a cluster: the progress line and bar, the metrics CSV
-and TensorBoard files, the curves' PNG, the linear probe, and the kNN that every rank of a
-real 2-rank ZeRO-3 DeepSpeed engine computes during training."""
+and TensorBoard files, the curves' PNG, the linear probe (evaluation during training: test_live_eval)."""
 
 from __future__ import annotations
 
 import io
-import os
 import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from services import free_port
 
-from ssl_dist import config, evaluate, metrics, plots, shards, synthetic
+from ssl_dist import evaluate, metrics, plots
 
 
 def write_run(run_url: str, steps: range, *, knn_every: int = 0, start: int = 0) -> metrics.MetricsLog:
@@ -96,62 +92,3 @@ def test_linear_probe_and_knn_on_separable_features():
     assert evaluate.knn_top1(tf, ty, qf, qy, k=20) >= 0.95
     with pytest.raises(evaluate.EvaluationError, match="at least 2 classes"):
         evaluate.linear_probe_top1(tf, torch.zeros_like(ty), qf, qy)
-
-
-# ---- kNN during training: every rank of a ZeRO-3 engine embeds its share -------------------------
-
-WORLD = 2
-MODEL = ["model.arch=resnet18", "model.cifar_stem=false", "model.proj_hidden_dim=32", "model.proj_dim=8"]
-
-
-def knn_rank(rank: int, port: int, train_url: str, test_url: str, out: dict) -> None:
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(WORLD), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(WORLD)})
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    from ssl_dist.engine import build_engine
-    from ssl_dist.model import build_model
-
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    cfg = config.load(None, [*MODEL, "train.zero_stage=3", "data.batch_size=4", "eval.every=1",
-                             f"eval.train_url={train_url}", f"eval.test_url={test_url}", "eval.k=5",
-                             "eval.max_samples=25"])  # 25: ranks embed 13 and 12 samples, in batches of 4
-    torch.manual_seed(0)
-    engine = build_engine(build_model(cfg.model), cfg, WORLD)
-    score = evaluate.knn_during_training(engine.module, cfg.eval, image_size=32, rank=rank, world=WORLD,
-                                         storage_options={}, batch_size=4)
-    assert engine.module.training  # put back in training mode
-    if rank == 0:
-        out["score"] = score
-    else:
-        assert score is None
-    dist.destroy_process_group()
-
-
-def test_knn_during_training_on_zero3_ranks_equals_one_process(tmp_path):
-    from ssl_dist.model import build_model
-
-    for split, seed in (("train", 1), ("test", 2)):
-        synthetic.write_image_folder(tmp_path / f"{split}-src", per_class=5, seed=seed)
-        shards.make_shards(str(tmp_path / f"{split}-src"), str(tmp_path / split), samples_per_shard=8, workers=1)
-    train_url, test_url = str(tmp_path / "train"), str(tmp_path / "test")
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(knn_rank, args=(free_port(), train_url, test_url, out), nprocs=WORLD, join=True)
-        score = out["score"]
-
-    # The same initial weights in one process, on the same first 25 samples of each set.
-    torch.manual_seed(0)
-    model = build_model(config.load(None, MODEL).model).eval()
-
-    def features(url):
-        feats, labels = [], []
-        with torch.no_grad():
-            for images, y in evaluate.iter_labeled(url, image_size=32, limit=25):
-                feats.append(torch.nn.functional.normalize(model.features(images), dim=1))
-                labels.append(y)
-        return torch.cat(feats), torch.cat(labels)
-
-    expected = evaluate.knn_top1(*features(train_url), *features(test_url), k=5)
-    assert score == pytest.approx(expected)

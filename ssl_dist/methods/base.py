@@ -80,6 +80,12 @@ class Method:
 
         return augment.EvalView(self.cfg.data.image_size)
 
+    def tokenizer(self) -> Callable[[list[str]], torch.Tensor] | None:
+        """Image-text methods: list of T captions -> long (T, context) tokens, for zero-shot
+        during training (`eval.every`), which then needs `encode_text(tokens)` on the module.
+        Default: None (an image-only method: kNN only)."""
+        return None
+
     def on_device(self, batch: dict[str, Any], *, epoch: int, device: torch.device) -> dict[str, Any]:
         """Per-batch work on the training device before `forward` (e.g. views of a whole
         uint8 batch on the GPU); draws must depend only on (seed, epoch, batch, rank).

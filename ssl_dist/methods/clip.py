@@ -72,6 +72,7 @@ class CLIP(Method):
         super().__init__(cfg, rank=rank)
         self.per_batch = cfg.data.augment == "per_batch"
         self.batch_view: nn.Module | None = None  # made on the first batch, on its device
+        self._tokenizer = None
 
     @classmethod
     def check(cls, cfg) -> None:
@@ -92,6 +93,13 @@ class CLIP(Method):
 
     def sample_transform(self) -> Callable[[dict], dict]:
         return ImageText(self.cfg.model.clip_arch, self.cfg.data.image_size, per_batch=self.per_batch)
+
+    def tokenizer(self) -> Callable[[list[str]], torch.Tensor]:
+        from ssl_dist import model
+
+        if self._tokenizer is None:  # built once: reading the BPE vocabulary takes a moment
+            self._tokenizer = model.build_tokenizer(self.cfg.model.clip_arch)
+        return self._tokenizer
 
     def eval_view(self) -> Callable[[dict], dict]:
         """Resize, centre crop and open_clip's mean and std: the inputs the towers trained on."""

@@ -84,6 +84,7 @@ def batches_of(rank: int) -> list[dict]:
 
 def run_rank(rank: int, port: int, arch: str, out: dict) -> None:
     import torch.distributed as dist
+    from deepspeed.runtime.zero import GatheredParameters
 
     from ssl_dist.engine import build_engine
     from ssl_dist.step import optimizer_step
@@ -92,9 +93,11 @@ def run_rank(rank: int, port: int, arch: str, out: dict) -> None:
     micro = batches_of(rank)
     whole = [{k: torch.cat([b[k] for b in micro]) for k in ("image", "tokens")}]
     for method in ("clip", "siglip"):
-        for name, accumulate, batches, batch_size in (("whole", 1, whole, MICRO * ACCUMULATE),
-                                                      ("cached", ACCUMULATE, micro, MICRO)):
-            cfg = clip_cfg(f"data.batch_size={batch_size}", f"train.accumulate={accumulate}", "train.zero_stage=2",
+        for name, stage, accumulate, batches, batch_size in (("whole", 2, 1, whole, MICRO * ACCUMULATE),
+                                                             ("cached", 2, ACCUMULATE, micro, MICRO),
+                                                             ("zero3 cached", 3, ACCUMULATE, micro, MICRO)):
+            cfg = clip_cfg(f"data.batch_size={batch_size}", f"train.accumulate={accumulate}",
+                           f"train.zero_stage={stage}",
                            "optim.name=sgd", "optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0",
                            "optim.warmup_steps=0", "loss.chunk_size=5", "train.max_steps=10",
                            method=method, arch=arch)
@@ -102,14 +105,15 @@ def run_rank(rank: int, port: int, arch: str, out: dict) -> None:
             torch.manual_seed(0)  # as the loop: same initial weights on every rank and both ways
             engine = build_engine(instance.build_module(), cfg, WORLD)
             loss = optimizer_step(engine, instance, batches)
-            if rank == 0:
-                out[f"{method}/{name}"] = (float(loss), {n: p.detach().clone()
-                                                         for n, p in engine.module.named_parameters()})
+            params = dict(engine.module.named_parameters())
+            with GatheredParameters(list(params.values())):  # ZeRO-3: whole tensors, on every rank
+                if rank == 0:
+                    out[f"{method}/{name}"] = (float(loss), {n: p.detach().clone() for n, p in params.items()})
     dist.barrier()  # nobody tears its group down while a peer still communicates
     dist.destroy_process_group()
 
 
-def test_gradient_caching_equals_the_whole_batch_step(tmp_path):
+def test_gradient_caching_equals_the_whole_batch_step_under_zero2_and_zero3(tmp_path):
     # The tiny towers with a 500-token vocabulary: the same code, a tenth of the parameters.
     arch = tmp_path / "clip-micro.json"
     spec = json.loads(Path(TINY).read_text())
@@ -117,12 +121,15 @@ def test_gradient_caching_equals_the_whole_batch_step(tmp_path):
     arch.write_text(json.dumps(spec))
     results = spawn_ranks(run_rank, str(arch))
     for method, initial in (("clip", {"logit_scale": 2.6593}), ("siglip", {"logit_scale": 2.3026, "logit_bias": -10})):
-        (loss_whole, p_whole), (loss_cached, p_cached) = results[f"{method}/whole"], results[f"{method}/cached"]
-        assert loss_cached == pytest.approx(loss_whole, rel=1e-5), method
+        loss_whole, p_whole = results[f"{method}/whole"]
         for name, value in initial.items():  # the step moved the method's state...
             assert p_whole[name].shape == (1,) and abs(float(p_whole[name]) - value) > 1e-4, (method, name)
-        for name, a in p_whole.items():  # ...and every parameter the same both ways
-            torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=1e-6, msg=f"{method}: {name}")
+        for way in ("cached", "zero3 cached"):  # ...and every parameter the same every way
+            loss_cached, p_cached = results[f"{method}/{way}"]
+            assert loss_cached == pytest.approx(loss_whole, rel=1e-5), (method, way)
+            assert p_cached.keys() == p_whole.keys()
+            for name, a in p_whole.items():
+                torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=1e-6, msg=f"{method} {way}: {name}")
 
 
 @pytest.mark.parametrize("method, mean_of", [("clip", "open_clip"), ("simclr", "augment")])
