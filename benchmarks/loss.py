@@ -264,10 +264,15 @@ class Config:
         self.loss = float(loss.detach())
 
 
-def worker(rank: int, port: int, specs: list, d: int, chunk: int, reps: int, warmup: bool, tmp: str):
-    """One rank of a group that measures `specs` [(Impl, n)], interleaved: each repetition runs
-    every configuration once, so a change of load on the machine hits all of them alike."""
+def worker(rank: int, port: int, specs: list, d: int, chunk: int, reps: int, warmup: bool, tmp: str,
+           world: int = WORLD):
+    """One rank of a group of `world` that measures `specs` [(Impl, n)], interleaved: each
+    repetition runs every configuration once, so a change of load on the machine hits all of
+    them alike."""
     import warnings
+
+    global WORLD
+    WORLD = world  # this spawned rank's process only: the group size make_step and logit_shape read
 
     import torch
     import torch.distributed as dist
@@ -313,10 +318,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_group(specs: list, d: int, chunk: int, reps: int, warmup: bool, tmp: Path) -> None:
+def run_group(specs: list, d: int, chunk: int, reps: int, warmup: bool, tmp: Path, world: int = WORLD) -> None:
+    """Spawn `world` ranks (default 2) that measure `specs`; results in `tmp` (benchmarks/clip.py uses 1, 2, 4)."""
     import torch.multiprocessing as mp
 
-    mp.spawn(worker, args=(free_port(), specs, d, chunk, reps, warmup, str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(), specs, d, chunk, reps, warmup, str(tmp), world), nprocs=world, join=True)
 
 
 def agreement(ref: Path, other: Path) -> float:
