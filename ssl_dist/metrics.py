@@ -29,10 +29,10 @@ import time
 from ssl_dist import storage
 from ssl_dist.timing import PHASES
 
+EVAL_COLUMNS = ("knn_top1", "zero_shot_top1")  # live_eval's scores (eval.every)
 COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s", "samples_seen", "time",
            "skipped_samples", "skipped_shards", "dropped_remainder",
-           *[f"time_{phase}" for phase in PHASES], "knn_top1"]
-EVAL_COLUMNS = ("knn_top1",)
+           *[f"time_{phase}" for phase in PHASES], *EVAL_COLUMNS]
 TENSORBOARD_DIR = "tensorboard"
 
 

@@ -22,13 +22,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from runs import registered_checkpoint, ssl_dist_cli, train_workers
+from runs import finish, keys_per_step, ssl_dist_cli, start, train_workers, wait_for_registered
 from services import free_port
 
 from ssl_dist import checkpoint, metrics, storage
@@ -59,62 +58,6 @@ def run_url(shards, name):
     return f"s3://{shards['bucket']}/ft/{name}"
 
 
-class Driver:
-    """`ssl-dist pretrain` as a process of its own (so that it can be killed), its output read
-    as it comes by a thread (so that a test can wait for a line, and a full pipe never blocks it)."""
-
-    def __init__(self, args, ray_address):
-        self.proc = subprocess.Popen([sys.executable, "-m", "ssl_dist.cli", *args],
-                                     env={**os.environ, "RAY_ADDRESS": ray_address}, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
-        self.reader.start()
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
-
-    def poll(self):
-        return self.proc.poll()
-
-    def kill(self) -> None:
-        """SIGKILL: the whole job goes (driver, Ray Train controller, workers)."""
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=60)
-        self.reader.join(timeout=30)
-
-    def wait(self, timeout=600) -> int:
-        try:
-            self.proc.wait(timeout=timeout)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
-        self.reader.join(timeout=30)
-        return self.proc.returncode
-
-
-def start(args, ray_address) -> Driver:
-    return Driver(args, ray_address)
-
-
-def finish(driver: Driver, timeout=600) -> str:
-    returncode = driver.wait(timeout)
-    assert returncode == 0, driver.output[-4000:]
-    return driver.output
-
-
-def wait_for_registered(url, driver, *, after_step=0, timeout=300) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        name = registered_checkpoint(url)
-        if name is not None and checkpoint.name_key(name)[0] > after_step:
-            return name
-        assert driver.poll() is None, driver.output[-4000:]
-        assert time.monotonic() < deadline, f"no checkpoint registered after {timeout} s"
-        time.sleep(0.2)
-
-
 def wait_until_no_workers(ray_address, timeout=120):
     deadline = time.monotonic() + timeout
     while train_workers(ray_address):
@@ -128,19 +71,6 @@ def final_state(url) -> dict[str, torch.Tensor]:
 
     model, _ = load_checkpoint_model(storage.join(url, checkpoint.checkpoint_name(MAX_STEPS)))
     return model.state_dict()
-
-
-def keys_per_step(url) -> dict[int, list[list[str]]]:
-    """{step: [keys of rank 0, keys of rank 1, ...]} over every attempt; a step done twice (before
-    a failure and again after the resume) must have had the same keys both times."""
-    merged: dict[int, dict[int, list[str]]] = {}
-    for log in checkpoint.read_keys(url):
-        for row in log["rows"]:
-            seen = merged.setdefault(row["step"], {})
-            if log["rank"] in seen:
-                assert seen[log["rank"]] == row["keys"], f"step {row['step']} saw other keys when redone"
-            seen[log["rank"]] = row["keys"]
-    return {step: [ranks[r] for r in sorted(ranks)] for step, ranks in merged.items()}
 
 
 def assert_same_run(url, reference):
