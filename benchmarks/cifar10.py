@@ -133,7 +133,7 @@ def run_plain(cfg, minutes: float, workdir: Path) -> tuple[dict, torch.nn.Module
     torch.manual_seed(cfg.train.seed)
     torch.set_num_threads(2)
     model = build_model(cfg.model)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim)
     global_batch = cfg.data.batch_size * cfg.run.num_workers
     per_batch = cfg.data.augment == "per_batch"
     augment = BatchTwoViews(cfg.data.image_size) if per_batch else None

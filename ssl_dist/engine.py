@@ -38,11 +38,23 @@ def deepspeed_config(cfg, world_size: int, micro_batch: int | None = None) -> di
     return ds
 
 
-def build_optimizer(params, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum over `params`."""
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: matrices and kernels decay by `weight_decay`; biases, norm gains
+    and a method's scalars (CLIP's logit scale, SigLIP's bias: every tensor of fewer than 2
+    dims) do not, as in SimCLR's and CLIP's recipes. Decay on a log temperature would pull
+    it to 0 (a scale of 1) all run long; on a norm's gain it fights the normalisation."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]  # ZeRO flattens each group: none empty
+
+
+def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
+    """AdamW or SGD with momentum over `model`'s parameters (`decay_groups`)."""
+    groups = decay_groups(model, optim_cfg.weight_decay)
     if optim_cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay)
-    return torch.optim.SGD(params, lr=optim_cfg.lr, momentum=optim_cfg.momentum, weight_decay=optim_cfg.weight_decay)
+        return torch.optim.AdamW(groups, lr=optim_cfg.lr)
+    return torch.optim.SGD(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
 
 
 def lr_factor(step: int, *, warmup_steps: int, max_steps: int, schedule: str = "cosine") -> float:
@@ -65,7 +77,7 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, micro_batch: int 
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if cfg.run.use_gpu else "gloo")
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim)
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 (DeepSpeed calls it with its optimizer)
         opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                                     schedule=cfg.optim.schedule))
