@@ -10,6 +10,8 @@ refuses) run the command as a process, in e2e/test_pretrain.py.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ssl_dist import cli
@@ -57,6 +59,16 @@ def test_missing_eval_set_is_a_clear_error_before_any_worker_starts(cifar_shards
                      f"eval.test_url={tmp_path}/no-test-set"]) == 2
     err = capsys.readouterr().err
     assert f"eval set {tmp_path}/no-test-set" in err and "no index.json" in err
+
+
+def test_clip_on_shards_without_captions_is_a_clear_error_before_any_worker_starts(cifar_shards_s3, tmp_path,
+                                                                                    capsys):
+    tiny = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "clip-tiny.json"
+    assert cli.main(["pretrain", "method.name=clip", f"model.clip_arch={tiny}", f"data.train_url={cifar_shards_s3['train']}",
+                     f"run.storage_path={tmp_path}/runs"]) == 2
+    err = capsys.readouterr().err
+    assert "method.name=clip needs the sample fields txt" in err and "point data.train_url at shards" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()  # nothing written
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(cifar_shards_s3, tmp_path, capsys):
