@@ -211,10 +211,21 @@ def cmd_stop(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1 (a clear usage error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def cmd_quickstart(args) -> None:
     from ssl_dist import quickstart
 
-    quickstart.run(args.out, args.overrides)
+    quickstart.run(args.out, args.overrides, method=args.method, per_class=args.per_class)
 
 
 def cmd_config(args) -> None:
@@ -237,8 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_run_commands(sub) -> None:
     """quickstart, pretrain, config: runs on this machine's Ray (or RAY_ADDRESS)."""
-    p = sub.add_parser("quickstart", help="make a synthetic dataset, pretrain on local Ray, compare kNN to random init")
+    p = sub.add_parser("quickstart", help="make a synthetic dataset, pretrain on local Ray, compare to random init "
+                                          "(simclr: kNN; clip: zero-shot and retrieval)")
     p.add_argument("--out", default="runs/quickstart", help="folder for the data and the run (default: %(default)s)")
+    p.add_argument("--method", choices=("simclr", "clip"), default="simclr",
+                   help="simclr: an encoder on the shapes, kNN top-1; clip: image and text towers on the captioned "
+                        "shapes, zero-shot top-1 and retrieval recall (default: %(default)s)")
+    p.add_argument("--per-class", type=positive_int, default=1000, metavar="N",
+                   help="training images of each shape; the test split gets a fifth as many (default: %(default)s)")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=50")
     p.set_defaults(handler=cmd_quickstart)
 
