@@ -93,6 +93,17 @@ def test_quickstart_yaml_is_the_embedded_default():
     assert shipped == config.merge(config.Config(), QUICKSTART, origin="test")
 
 
+def test_quickstart_clip_default_names_the_towers_shipped_in_the_package():
+    # jobs/ is not installed: the CLIP quickstart's open_clip config is package data
+    from ssl_dist import model, quickstart
+
+    cfg = quickstart.quickstart_config(ROOT, "/data/train", method="clip")
+    assert cfg.method.name == "clip" and cfg.run.name == "quickstart-clip"
+    arch = Path(cfg.model.clip_arch)
+    assert arch.parent == Path(quickstart.__file__).resolve().parent / "configs" and arch.is_file()
+    assert {"embed_dim", "vision_cfg", "text_cfg"} <= set(model.clip_model_config(str(arch)))
+
+
 def test_a_saved_config_with_a_removed_key_still_loads():
     # Checkpoints written before loss.name went carry it in their saved config.
     saved = config.to_dict(config.Config())

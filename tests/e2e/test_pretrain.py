@@ -83,6 +83,26 @@ def test_quickstart_runs_from_its_default_relative_folder(tmp_path, ray_address)
     assert sorted(run_folder.glob("checkpoint-*"))
 
 
+def test_quickstart_clip_prints_zero_shot_and_retrieval_next_to_random_init(tmp_path, ray_address):
+    # `ssl-dist quickstart --method clip`, shortened: 10 captioned images a shape, 4 steps.
+    done = ssl_dist_cli("quickstart", "--method", "clip", "--out", str(tmp_path / "qs"), "--per-class", "10",
+                        "data.batch_size=8", "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0",
+                        env={"RAY_ADDRESS": ray_address}, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    figures = {}  # row label -> [pretrained, random init]
+    for line in done.stdout.splitlines():
+        if line.startswith(("zero-shot top-1", "image->text recall@", "text->image recall@")):
+            *label, pretrained, random_init = line.split()
+            figures[" ".join(label)] = [float(pretrained), float(random_init)]
+    assert sorted(figures) == ["image->text recall@1", "image->text recall@5", "text->image recall@1",
+                               "text->image recall@5", "zero-shot top-1 (shape names)"], done.stdout[-3000:]
+    assert all(0.0 <= value <= 1.0 for pair in figures.values() for value in pair)
+    run_folder = tmp_path / "qs" / "quickstart-clip"
+    assert f"run folder: {run_folder}" in done.stdout
+    assert "quickstart-clip.json" in (run_folder / "config.yaml").read_text()  # the packaged towers
+    assert len(list((tmp_path / "qs" / "data-clip" / "train").glob("*.tar"))) >= 1
+
+
 # ---- bad input: one clear message, a non-zero exit ------------------------------------------
 
 
