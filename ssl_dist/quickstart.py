@@ -34,8 +34,8 @@ QUICKSTART = {
 
 # open_clip's config of the CLIP quickstart's towers, package data (installed with ssl_dist,
 # which jobs/configs is not). A small ResNet image tower: on 32-pixel shapes it learns the
-# shape within minutes on a CPU, where a ViT of the same cost learns colour and position
-# and barely the shape.
+# shape within minutes on a CPU, where ViTs like jobs/configs/clip-tiny.json learn colour and
+# position first and, in the same time, reached about 0.4 zero-shot on the shapes (this: 0.65).
 CLIP_ARCH = Path(__file__).resolve().parent / "configs" / "quickstart-clip.json"
 
 # The embedded default of `--method clip`.
