@@ -16,15 +16,14 @@ objects over plain HTTP from the same server (webdataset's curl on path-style UR
 objects are public-read, as a public dataset's are, since moto refuses unsigned GETs of
 private ones). The test set is labeled shards (`ssl_dist.shards.make_shards`).
 
-Both runs: the model config JSON written below (a ViT of 4 layers, width 128, patch 4 at
-32 px; text transformer of 4 layers, width 128), batch `--batch-size` per process (2
-processes, 1 torch thread and 1 loader worker each), AdamW (betas 0.9/0.999, eps 1e-8) at the
-same lr, weight decay and linear warm-up, then a constant lr (a time budget knows no step
-count), fp32 on CPU, CLIP's InfoNCE with negatives from both ranks (open_clip:
-`--local-loss --gather-with-grad`). One difference remains, each trainer's own: open_clip
-exempts gains, biases and the logit scale from weight decay, ssl_dist decays every
-parameter. Budget: `--minutes` of training each, counted after start-up (ssl_dist's
-`train.max_minutes`, from the end of its set-up; open_clip's through the tap of
+Both runs: the model config JSON written below (a ViT of 4 layers, width 128, patch 4 at 32
+px; text transformer of 4 layers, width 128), batch `--batch-size` per process (2 processes,
+1 torch thread and 1 loader worker each), AdamW (betas 0.9/0.999, eps 1e-8) at the same lr,
+weight decay and linear warm-up, then a constant lr (a time budget knows no step count),
+fp32 on CPU, CLIP's InfoNCE with negatives from both ranks (open_clip: `--local-loss
+--gather-with-grad`); both exempt gains, biases and the logit scale from weight decay (every
+tensor of fewer than 2 dims). Budget: `--minutes` of training each, counted after start-up
+(ssl_dist's `train.max_minutes`, from the end of its set-up; open_clip's through the tap of
 clip_open_clip_tap.py, from its first batch); each stops at a step that rank 0's clock
 decides for both ranks, and saves a final checkpoint.
 
