@@ -73,7 +73,9 @@ def test_quickstart_runs_from_its_default_relative_folder(tmp_path, ray_address)
     # The README's first command, shortened: `ssl-dist quickstart` with its default --out,
     # a path relative to where the user stands. Ray's workers run in another working
     # directory, so the driver must hand them absolute paths (they once got relative ones).
-    done = ssl_dist_cli("quickstart", "train.max_steps=6", "train.log_every=3", "train.checkpoint_every=3",
+    # 50 images a shape (the default 1000 took most of the test's time): one global batch of 256.
+    done = ssl_dist_cli("quickstart", "--per-class", "50", "train.max_steps=6", "train.log_every=3",
+                        "train.checkpoint_every=3",
                         cwd=tmp_path, env={"RAY_ADDRESS": ray_address}, timeout=900)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     assert "kNN top-1, pretrained encoder:" in done.stdout and "kNN top-1, random initialisation:" in done.stdout
