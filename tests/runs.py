@@ -138,3 +138,23 @@ def keys_per_step(url) -> dict[int, list[list[str]]]:
                 assert seen[log["rank"]] == row["keys"], f"step {row['step']} saw other keys when redone"
             seen[log["rank"]] = row["keys"]
     return {step: [ranks[r] for r in sorted(ranks)] for step, ranks in merged.items()}
+
+
+def kill_a_worker_and_finish(url, driver, ray_address, *, steps: int, every: int) -> int:
+    """Once the run at `url` has a registered checkpoint, SIGKILL one of its 2 training workers
+    from outside (like the OOM killer or a preemption); Ray Train restarts the group from that
+    checkpoint in the same job. Waits for the end; returns the step it resumed from, after
+    checking it is a checkpoint step and the second attempt ran to `steps`."""
+    from ssl_dist import metrics
+
+    wait_for_registered(url, driver)
+    victims = train_workers(ray_address)
+    assert len(victims) == 2
+    os.kill(victims[-1].pid, signal.SIGKILL)
+    output = finish(driver)
+    attempts = [[int(r["step"]) for r in rows] for rows in metrics.read_history(url)]
+    assert len(attempts) == 2, attempts
+    resumed_at = attempts[1][0] - 1
+    assert resumed_at % every == 0 and resumed_at >= every and attempts[1][-1] == steps
+    assert f"resumed from step {resumed_at}" in output
+    return resumed_at

@@ -17,15 +17,13 @@ the CLIP run and the SigLIP reference (2 workers of 1 CPU each).
 from __future__ import annotations
 
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import webdataset as wds
 from cifar import cifar_slice
-from runs import finish, keys_per_step, start, train_workers, wait_for_registered
+from runs import finish, keys_per_step, kill_a_worker_and_finish, start
 
 from ssl_dist import metrics, shards, storage
 from ssl_dist.checkpoint.weights import fp32_state_dict
@@ -139,17 +137,7 @@ def test_siglip_killed_worker_at_zero3_resumes_as_if_nothing_happened(captioned,
     url = run_url(captioned, name)
     driver = start(args_for(captioned, name, "siglip", f"train.checkpoint_every={EVERY}", stage=3,
                             steps=SIGLIP_STEPS), ray_address)
-    wait_for_registered(url, driver)
-    victims = train_workers(ray_address)
-    assert len(victims) == 2
-    os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
-    output = finish(driver)
-
-    attempts = [[int(r["step"]) for r in rows] for rows in metrics.read_history(url)]
-    assert len(attempts) == 2, attempts
-    resumed_at = attempts[1][0] - 1
-    assert resumed_at % EVERY == 0 and resumed_at >= EVERY and attempts[1][-1] == SIGLIP_STEPS
-    assert f"resumed from step {resumed_at}" in output
+    kill_a_worker_and_finish(url, driver, ray_address, steps=SIGLIP_STEPS, every=EVERY)
     got, want = keys_per_step(url), keys_per_step(reference)
     assert sorted(want) == list(range(1, SIGLIP_STEPS + 1)) and got == want
     after = state_at(url, SIGLIP_STEPS)

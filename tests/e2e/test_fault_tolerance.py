@@ -27,7 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runs import finish, keys_per_step, ssl_dist_cli, start, train_workers, wait_for_registered
+from runs import (finish, keys_per_step, kill_a_worker_and_finish, ssl_dist_cli, start, train_workers,
+                  wait_for_registered)
 from services import free_port
 
 from ssl_dist import checkpoint, metrics, storage
@@ -178,17 +179,7 @@ def test_killed_worker_at_zero3_resumes_as_if_nothing_happened(cifar_shards_s3, 
     name = "killed-worker-z3"
     url = run_url(cifar_shards_s3, name)
     driver = start(args_for(cifar_shards_s3, name, stage=3), ray_address)
-    wait_for_registered(url, driver)
-    victims = train_workers(ray_address)
-    assert len(victims) == 2
-    os.kill(victims[-1].pid, signal.SIGKILL)  # from outside, like the OOM killer or a preemption
-    output = finish(driver)
-
-    attempts = [[int(r["step"]) for r in rows] for rows in metrics.read_history(url)]
-    assert len(attempts) == 2, attempts
-    resumed_at = attempts[1][0] - 1
-    assert resumed_at % EVERY == 0 and resumed_at >= EVERY and attempts[1][-1] == MAX_STEPS
-    assert f"resumed from step {resumed_at}" in output
+    kill_a_worker_and_finish(url, driver, ray_address, steps=MAX_STEPS, every=EVERY)
     assert_same_run(url, reference)
     drop(url)
 
