@@ -90,11 +90,13 @@ class MetricsLog:
         self._flush_tensorboard()
 
     def close(self) -> None:
-        """Last flush; removes the local copy of the event file."""
-        self.flush()
+        """Last flush; removes the local copy of the event file. The writer is closed before
+        the copy: tensorboardX's flush() writes out only what its thread has taken from its
+        queue, and the last scalars of a run were at times missing from the copied file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        self.flush()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -115,9 +117,10 @@ class MetricsLog:
                 self._writer.add_scalar(prefix + key, value, step)
 
     def _flush_tensorboard(self) -> None:
-        if self._writer is None:
+        if self._tmp is None:
             return
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
         fs, path = storage.filesystem(storage.join(self.run_url, TENSORBOARD_DIR), self.options)
         fs.makedirs(path, exist_ok=True)
         for name in os.listdir(self._tmp.name):
