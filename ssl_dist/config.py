@@ -39,6 +39,10 @@ REMOVED_KEYS = {"loss.name": "loss.name was removed: the method decides its loss
                               "delete loss.name from the config"}
 
 
+# A run name is one folder under run.storage_path: one path segment, never "." or "..".
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
 class ConfigError(ValueError):
     """A user-facing configuration problem; its message names the key and the fix."""
 
@@ -57,6 +61,12 @@ class DataConfig:
     """Stop the run when one worker has skipped more than this fraction of its share of an epoch (bad samples, unreadable shards); 0 stops at the first."""
     read_retries: int = 3
     """Retries, with exponential backoff from 0.5 s, before an unreadable shard is skipped."""
+    read_deadline_s: float = 300.0
+    """Total seconds one read may spend waiting out throttling, timeouts or an unreachable store (jittered exponential backoff); past it the run stops with a message naming the store. Data that is read and found bad is skipped instead."""
+    max_pixels: int = 67_108_864
+    """Largest image (width x height, read from its header before decoding) the stream, `shards check` and evaluation decode; a larger one is a bad sample. Default 8192 x 8192."""
+    verify: bool = False
+    """Check each shard against the sha256 in its manifest the first time a process reads it (one extra whole read per shard); a mismatch makes the shard's samples bad data."""
     augment: Literal["per_sample", "per_batch"] = "per_sample"
     """Where the views (SimCLR's two, CLIP's crop) are made: per_sample in the loader workers (torchvision, PIL), or per_batch on the training device (one draw per image; loader workers only decode)."""
     seed: int = 0
@@ -165,6 +175,10 @@ class RunConfig:
     """Worker-group restarts Ray Train attempts after a failure before giving up."""
     keep_checkpoints: int = 2
     """Newest checkpoints kept in storage."""
+    collective_timeout_s: float = 300.0
+    """A collective (gradient reduce, gather, broadcast) that waits longer than this fails the run: a hung or lost rank is found in minutes, not after torch's 30."""
+    lease_s: float = 60.0
+    """The run folder's writer lease: the driver holding it renews it every lease_s / 4; a second driver on the same run is refused until it has gone unrenewed for lease_s."""
 
 
 @dataclass
@@ -222,8 +236,12 @@ class Config:
         """Checks that a single field's type cannot express."""
         if not 0 <= self.train.zero_stage <= 3:
             raise ConfigError(f"train.zero_stage={self.train.zero_stage}: allowed values are 0, 1, 2, 3")
+        if not RUN_NAME_RE.fullmatch(self.run.name):
+            raise ConfigError(f"run.name={self.run.name!r}: a run name is one folder under run.storage_path: 1 to 128 "
+                              f"letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. "
+                              f"run.name=simclr-cifar10)")
         for key in ("data.batch_size", "run.num_workers", "train.accumulate", "train.max_steps", "data.image_size",
-                    "model.width", "eval.k"):
+                    "model.width", "eval.k", "data.max_pixels"):
             if self.get(key) < 1:
                 raise ConfigError(f"{key}={self.get(key)}: must be at least 1")
         for key, allowed in NON_NEGATIVE.items():
@@ -240,6 +258,9 @@ class Config:
         if self.method.name not in BUILTIN_METHODS and not re.fullmatch(r"[\w.]+:\w+", self.method.name):
             raise ConfigError(f"method.name={self.method.name!r}: allowed values are "
                               f"{', '.join(BUILTIN_METHODS)}, or package.module:Class for a method of your own")
+        for key in ("data.read_deadline_s", "run.collective_timeout_s", "run.lease_s"):
+            if self.get(key) <= 0:
+                raise ConfigError(f"{key}={self.get(key)}: must be positive (seconds)")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
         if self.eval.every and not self.eval.test_url:

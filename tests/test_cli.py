@@ -89,3 +89,20 @@ def test_every_user_error_is_known_and_found_through_rays_wrappers():
     wrapped.worker_failures = {0: IncompleteCheckpoint("checkpoint-00000004 misses rank 1's part list")}
     assert cli.user_error_message(wrapped) == "checkpoint-00000004 misses rank 1's part list"
     assert cli.user_error_message(CheckpointError("x")) == "x" and cli.user_error_message(KeyError("y")) is None
+
+
+@pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../../x", "-rf"])
+def test_a_run_name_that_is_not_one_folder_is_refused_and_nothing_is_deleted(cifar_shards_s3, tmp_path, capsys,
+                                                                              name):
+    # On the code before run.name was validated, `run.name=.. --no-resume` deleted the parent of
+    # run.storage_path and `run.name=.` every run beside it.
+    runs = tmp_path / "area" / "runs"
+    for kept in (runs / "other-run" / "checkpoint-000010", tmp_path / "area" / "beside", tmp_path / "x"):
+        kept.mkdir(parents=True)
+        (kept / "meta.json").write_text("{}")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert cli.main(["pretrain", f"data.train_url={cifar_shards_s3['train']}", f"run.storage_path={runs}",
+                     f"run.name={name}", "--no-resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"run.name={name!r}" in err and "one folder under run.storage_path" in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
