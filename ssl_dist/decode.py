@@ -3,8 +3,9 @@
 A raw sample is a key and its members `{ext: bytes}` (as `shards.parse_samples` returns it).
 It is good when:
 
-- it has an image member (the first of `IMAGE_EXTS` it holds; others stay bytes), and
-  that image decodes to RGB;
+- it has an image member (the first of `IMAGE_EXTS` it holds; others stay bytes), whose
+  header declares at most `max_pixels` pixels (width x height, read before anything is
+  decoded: `data.max_pixels`, default `MAX_PIXELS`), and that image decodes to RGB;
 - its `.cls`, if any, is an integer (ASCII digits, surrounding whitespace allowed);
 - its `.json`, if any, parses, and its `.txt`, if any, is UTF-8 text.
 
@@ -12,7 +13,10 @@ Decoded, it is `{"__key__", "image", "image_bytes", "cls": int, "json": parsed, 
 other members as bytes}`. Images come as PIL RGB images (image_format="pil", what
 torchvision's PIL transforms take) or as uint8 (3, H, W) tensors (image_format="tensor").
 JPEGs are decoded by torchvision's libjpeg-turbo op, which gives PIL's pixels at a third of
-its cost; other formats, and JPEGs it rejects, by PIL.
+its cost; other formats, and JPEGs it rejects, by PIL. That op allocates whatever the frame
+header claims (a 631-byte JPEG claiming 20000 x 20000 pixels took 1.2 GB), so the size is read
+from the header first (`jpeg_size` for the op, PIL's `Image.open`, which reads only the header,
+for PIL) and a larger image is refused before any decoder sees it.
 
 `decode_samples` is what the loader workers run on every sample; `sample_problems` says,
 with exactly the same decoding, why one sample would be skipped (for `shards check`, which
@@ -33,6 +37,9 @@ import torch
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp")  # the image members a sample may hold, in preference order
 JPEG_EXTS = ("jpg", "jpeg")
 IMAGE_FORMATS = ("pil", "tensor")
+MAX_PIXELS = 67_108_864  # 8192 x 8192: the default of data.max_pixels
+# The frame header markers (SOF0-SOF15); C4 (DHT), C8 (JPG) and CC (DAC) are other segments.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 # torchvision's JPEG decoder, looked up once per process (False: not yet; None: missing, PIL
 # decodes everything). The only module state: the Loader looks it up before it starts loader
@@ -46,6 +53,15 @@ class DataError(RuntimeError):
     Defined here, at the bottom of the data flow, so that a sample that does not decode is one
     of them; `ssl_dist.data` re-exports it as `data.DataError`.
     """
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than the limit; raised before it is decoded."""
+
+    def __init__(self, size: tuple[int, int], max_pixels: int):
+        self.size, self.max_pixels = size, max_pixels
+        super().__init__(f"image is {size[0]} x {size[1]} pixels, more than data.max_pixels={max_pixels}: shrink "
+                         f"it or raise data.max_pixels")
 
 
 class DecodeError(DataError, ValueError):
@@ -103,14 +119,18 @@ def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
     return _jpeg_decoder
 
 
-def decode_image(data: bytes, ext: str) -> torch.Tensor:
-    """An encoded image -> uint8 RGB tensor (3, H, W); raises (any exception) if it does not decode.
+def decode_image(data: bytes, ext: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """An encoded image -> uint8 RGB tensor (3, H, W); raises (any exception) if it does not decode,
+    ImageTooLarge, before decoding, if its header declares more than `max_pixels` pixels.
 
     JPEGs go through torchvision's libjpeg-turbo decoder (the pixels PIL gives, at a third of
-    the cost); other formats, and JPEGs that decoder rejects, through PIL.
+    the cost), but only those whose frame header `jpeg_size` read; other formats, and JPEGs that
+    decoder rejects, through PIL, whose `Image.open` reads the header (the size) and nothing more.
     """
     decode = jpeg_decoder() if ext in JPEG_EXTS else None
-    if decode is not None:
+    size = jpeg_size(data) if decode is not None else None
+    if size is not None:
+        check_pixels(size, max_pixels)
         try:
             return decode(torch.frombuffer(data, dtype=torch.uint8))
         except (RuntimeError, ValueError):
@@ -118,8 +138,52 @@ def decode_image(data: bytes, ext: str) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
+        check_pixels(image.size, max_pixels)  # what load() will allocate; nothing is decoded yet
         array = np.asarray(image.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """Raise ImageTooLarge when an image of `size` (width, height) has more than `max_pixels` pixels."""
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(size, max_pixels)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, read without decoding; None when `data` is no JPEG
+    or has no frame header before its scan data.
+
+    Walks the marker segments the way libjpeg reads them up to the first SOFn (the frame header
+    it decodes: it refuses a second one): bytes between segments and 0xFF fill bytes are
+    skipped, RSTn/TEM have no length, every other segment is skipped by its length. A JPEG
+    this walk does not understand returns None and goes to PIL, which reads the size itself, so
+    torchvision's decoder never sees a frame header that was not read here. A few microseconds.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, end = 2, len(data)
+    while i < end:
+        if data[i] != 0xFF:  # stray bytes before a marker (libjpeg warns and skips them)
+            i = data.find(b"\xff", i)
+            if i < 0:
+                return None
+        while i < end and data[i] == 0xFF:
+            i += 1
+        if i + 2 >= end:
+            return None
+        marker = data[i]
+        i += 1
+        if marker == 0x00 or marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            continue  # a stuffed 0xFF 0x00 (no marker), TEM, RSTn, SOI: no length follows
+        if marker in (0xD9, 0xDA):
+            return None  # end of image or scan data, and no frame header before it
+        length = int.from_bytes(data[i:i + 2], "big")
+        if marker in _SOF_MARKERS:
+            if length < 8 or i + 7 > end:
+                return None
+            return int.from_bytes(data[i + 5:i + 7], "big"), int.from_bytes(data[i + 3:i + 5], "big")
+        i += max(length, 2)  # libjpeg skips length - 2 bytes after the length itself, none if less
+    return None
 
 
 def to_pil(image: torch.Tensor):
@@ -142,10 +206,12 @@ def image_member(key: str, fields: dict[str, bytes]) -> str:
     return ext
 
 
-def _image(key: str, data: bytes, ext: str) -> torch.Tensor:
-    """The image member decoded, uint8 (3, H, W); DecodeError if it does not decode."""
+def _image(key: str, data: bytes, ext: str, max_pixels: int) -> torch.Tensor:
+    """The image member decoded, uint8 (3, H, W); DecodeError if it is too large or does not decode."""
     try:
-        return decode_image(data, ext)
+        return decode_image(data, ext, max_pixels)
+    except ImageTooLarge as exc:
+        raise DecodeError(key, f".{ext}", str(exc)) from None
     except Exception as exc:  # PIL raises many types for a broken file
         raise DecodeError(key, f".{ext}", f"image does not decode ({type(exc).__name__}: "
                                           f"{str(exc).split(' <_io.')[0]})") from None
@@ -173,10 +239,10 @@ def field_value(key: str, ext: str, value: bytes) -> Any:
     return value
 
 
-def _decode(key: str, fields: dict[str, bytes], pil: bool) -> dict[str, Any]:
+def _decode(key: str, fields: dict[str, bytes], pil: bool, max_pixels: int) -> dict[str, Any]:
     ext = image_member(key, fields)
     data = fields[ext]
-    image = _image(key, data, ext)
+    image = _image(key, data, ext, max_pixels)
     sample = {"__key__": key, "image": to_pil(image) if pil else image, "image_bytes": data}
     for name, value in fields.items():
         if name != ext:
@@ -184,28 +250,33 @@ def _decode(key: str, fields: dict[str, bytes], pil: bool) -> dict[str, Any]:
     return sample
 
 
-def decode_samples(samples: list[tuple[str, dict[str, bytes]]], image_format: str = "pil") -> list:
+def decode_samples(samples: list[tuple[str, dict[str, bytes]]], image_format: str = "pil",
+                   max_pixels: int = MAX_PIXELS) -> list:
     """Decode raw samples (runs in the loader workers, and wherever a sample is decoded); each entry
     becomes a sample dict (see `decode_sample`) or a string saying why it cannot be decoded
-    ("KEY.jpg: image does not decode (...)")."""
+    ("KEY.jpg: image does not decode (...)", "KEY.jpg: image is W x H pixels, more than
+    data.max_pixels=...")."""
     pil = image_format == "pil"
     out: list = []
     for key, fields in samples:
         try:
-            out.append(_decode(key, fields, pil))
+            out.append(_decode(key, fields, pil, max_pixels))
         except DecodeError as exc:
             out.append(str(exc))
     return out
 
 
-def decode_sample(key: str, fields: dict[str, bytes], image_format: str = "pil") -> dict[str, Any]:
+def decode_sample(key: str, fields: dict[str, bytes], image_format: str = "pil",
+                  max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
     """{ext: bytes} -> {"__key__", "image": PIL.Image (RGB) or, with image_format="tensor", a uint8
     (3, H, W) tensor, "image_bytes": the encoded image, "cls": int, "json": parsed, "txt": str, other
-    fields as bytes}. Raises DecodeError (a DataError) if it cannot be decoded."""
-    return _decode(key, fields, image_format == "pil")
+    fields as bytes}. Raises DecodeError (a DataError) if it cannot be decoded or its image has more
+    than `max_pixels` pixels."""
+    return _decode(key, fields, image_format == "pil", max_pixels)
 
 
-def sample_problems(key: str, fields: dict[str, bytes], num_classes: int | None = None) -> list[str]:
+def sample_problems(key: str, fields: dict[str, bytes], num_classes: int | None = None,
+                    max_pixels: int = MAX_PIXELS) -> list[str]:
     """The problems of one raw sample, each a string that follows its key; [] for a good sample.
 
     The same decoding as the stream: a sample with a problem here is one the stream skips,
@@ -217,7 +288,7 @@ def sample_problems(key: str, fields: dict[str, bytes], num_classes: int | None 
     problems = []
     try:
         ext = image_member(key, fields)
-        _image(key, fields[ext], ext)
+        _image(key, fields[ext], ext, max_pixels)
     except DecodeError as exc:
         ext = None if not exc.member else exc.member[1:]
         problems.append(exc.problem)

@@ -49,10 +49,55 @@ def options_from_config(url: str, storage_cfg) -> dict:
                            anonymous=storage_cfg.anonymous)
 
 
+def single_attempt(url: str, options: dict | None) -> dict:
+    """`options` for a reader that retries itself (`data.reader`, through `data.retry`): the S3
+    clients below it try each request once, so retries never multiply.
+
+    Two layers retry inside s3fs: botocore (`config_kwargs["retries"]`; its `max_attempts`
+    counts *retries*, so one attempt is `total_max_attempts: 1`) and s3fs itself, twice
+    nested around each GET (its `retries`, 5, a class attribute its constructor does not
+    take: `filesystem` sets it from the "retries" option). Local and gs:// options are
+    returned as they are.
+    """
+    options = dict(options or {})
+    if not url.startswith(("s3://", "s3a://")):
+        return options
+    config = dict(options.get("config_kwargs") or {})
+    config["retries"] = {"total_max_attempts": 1, "mode": "standard"}
+    options["config_kwargs"] = config
+    options["retries"] = 1
+    return options
+
+
 def filesystem(url: str, options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(filesystem, path inside it) for `url`; a fresh instance per call is cheap (fsspec caches)."""
-    fs, path = fsspec.core.url_to_fs(url, **(options or {}))
+    """(filesystem, path inside it) for `url`; a fresh instance per call is cheap (fsspec caches).
+
+    The option "retries" (see `single_attempt`) is s3fs's retry count, set on the instance:
+    s3fs's constructor has no such argument. The instance is fsspec's cached one for the
+    other options, which carry botocore's single attempt too, so only readers that retry
+    themselves share it.
+    """
+    options = dict(options or {})
+    retries = options.pop("retries", None)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    if retries is not None:
+        fs.retries = retries
     return fs, path.rstrip("/") or path
+
+
+def describe_store(url: str, options: dict | None = None) -> str:
+    """The store behind `url` in words, for messages: its endpoint and bucket ("the object store
+    http://10.0.0.5:9000, bucket 'data'"), or the folder of a local path."""
+    if "://" not in url or url.startswith("file://"):
+        return f"the file system at {url}"
+    scheme, rest = url.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    if scheme == "gs":
+        return f"Google Cloud Storage, bucket {bucket!r}"
+    options = options or {}
+    endpoint = (options.get("client_kwargs") or {}).get("endpoint_url") or options.get("endpoint_url") or \
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3 (default endpoint)"
+    return f"the object store {endpoint}, bucket {bucket!r}"
 
 
 def absolute(url: str) -> str:

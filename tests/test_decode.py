@@ -77,3 +77,91 @@ def test_sample_problems_say_what_the_stream_skips(samples):
     assert decode.sample_problems("k", {"jpg": b"x", "cls": b"y"}, num_classes=3) == [
         ".jpg: image does not decode (UnidentifiedImageError: cannot identify image file)",
         ".cls: b'y' is not an integer class index"]
+
+
+# ------------------------------------------------------------------ the pixel limit
+
+
+def claiming(width: int, height: int, *, comment: bytes = b"") -> bytes:
+    """A real 8 x 8 JPEG (about 630 bytes) whose frame header (SOF0) claims width x height pixels; `comment`:
+    a COM segment put before it."""
+    jpeg = bytearray(encoded("JPEG", (8, 8)))
+    sof = jpeg.index(b"\xff\xc0")
+    jpeg[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    if comment:
+        jpeg[sof:sof] = b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment
+    return bytes(jpeg)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A real 4 x 4 PNG whose IHDR claims width x height (its CRC fixed, so PIL opens it)."""
+    import zlib
+
+    png = bytearray(encoded("PNG", (4, 4)))
+    png[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    png[29:33] = zlib.crc32(bytes(png[12:29])).to_bytes(4, "big")
+    return bytes(png)
+
+
+def test_images_over_the_pixel_limit_are_refused_from_their_header(samples):
+    # 9000 x 9000 = 81 M pixels, over the default 8192 x 8192: decoded (243 MB) before, refused now
+    for key, fields in {"jpg": {"jpg": claiming(9000, 9000)}, "png": {"png": png_claiming(9000, 9000)},
+                        # a naive search for the first SOF bytes would read the 8 x 8 one in the comment
+                        "hidden": {"jpg": claiming(9000, 9000, comment=b"\xff\xc0\x00\x11\x08\x00\x08\x00\x08")}
+                        }.items():
+        ext = next(iter(fields))
+        reason = "image is 9000 x 9000 pixels, more than data.max_pixels=67108864: shrink it or raise data.max_pixels"
+        (decoded,) = decode.decode_samples([(key, fields)], "tensor")
+        assert decoded == f"{key}.{ext}: {reason}", key
+        assert decode.sample_problems(key, fields) == [f".{ext}: {reason}"], key
+    # the limit is width x height, for every accepted type, inclusive
+    jpg = samples[0][1]["jpg"]  # 32 x 32
+    reference = np.asarray(Image.open(io.BytesIO(jpg)).convert("RGB"))
+    tensor = decode.decode_image(jpg, "jpg", max_pixels=32 * 32)
+    assert np.array_equal(tensor.permute(1, 2, 0).numpy(), reference)  # the same pixels as without a limit
+    for fmt, ext in (("JPEG", "jpg"), ("PNG", "png"), ("BMP", "bmp"), ("PPM", "ppm"), ("WEBP", "webp")):
+        image = encoded(fmt, (7, 3))
+        assert decode.decode_image(image, ext, max_pixels=21).shape == (3, 3, 7), fmt
+        (refused,) = decode.decode_samples([("k", {ext: image})], max_pixels=20)
+        assert refused == f"k.{ext}: image is 7 x 3 pixels, more than data.max_pixels=20: shrink it or raise " \
+                          f"data.max_pixels", fmt
+
+
+def test_one_pixel_limit_for_the_stream_shards_check_and_evaluation(samples, tmp_path):
+    """The same sample over the limit is a skipped sample in the stream, a problem for `shards check`,
+    and an error for evaluation (which must see every sample); each says the size and data.max_pixels."""
+    import tarfile
+
+    from ssl_dist import evaluate
+
+    folder = tmp_path / "claims"
+    folder.mkdir()
+    members = [*samples[:8], ("small/one", {"cls": b"1", "jpg": encoded("JPEG", (8, 8))}),
+               ("large/one", {"cls": b"3", "jpg": claiming(9000, 9000)})]
+    with tarfile.open(folder / "part-0.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, fields in members:
+            for ext, value in fields.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(value)
+                tar.addfile(info, io.BytesIO(value))
+    shards.index_shards(str(folder))
+    reason = "large/one.jpg: image is 9000 x 9000 pixels, more than data.max_pixels=67108864"
+
+    loader = data.make_loader(str(folder), rank=0, world_size=1, batch_size=5, max_skip_fraction=1)
+    keys, problems = [], {}
+    for b in loader:
+        keys += [k for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
+        problems.update(loader.state_dict()["problems"])  # shard -> [skipped, a reason], for this epoch
+    assert len(keys) == 9 and loader.stats()["skipped_samples"] == 1
+    assert problems == {"part-0.tar": [1, reason + ": shrink it or raise data.max_pixels"]}
+    assert [p.split("part-0.tar: ")[1] for p in shards.check_shards(str(folder))["problems"]] == [
+        reason + ": shrink it or raise data.max_pixels"]
+    assert len(shards.check_shards(str(folder), max_pixels=1000)["problems"]) == 9
+    with pytest.raises(data.DataError, match=reason):
+        list(evaluate.iter_labeled(str(folder), image_size=32, batch_size=4))
+    # and each passes on the limit it is given: over 1000 pixels, only the 8 x 8 image is left
+    small = data.make_loader(str(folder), rank=0, world_size=1, batch_size=5, max_skip_fraction=1, max_pixels=1000)
+    keys = [k for b in small for k, v in zip(b["__key__"], b["__valid__"].tolist()) if v]
+    assert keys == ["small/one"] and small.stats()["skipped_samples"] == 9
+    with pytest.raises(data.DataError, match=r"is 32 x 32 pixels, more than data.max_pixels=1000"):
+        list(evaluate.iter_labeled(str(folder), image_size=32, batch_size=4, max_pixels=1000))

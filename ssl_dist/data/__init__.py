@@ -7,7 +7,8 @@ loader workers. One concern per file:
 
 - `plan`: which sample positions each rank and loader worker serves, and what a resume
   still owes (pure math, no I/O);
-- `reader`: ranged reads of the shards, retries with backoff, the sidecar cache;
+- `reader`: ranged reads of the shards, the sidecar cache, digests on first read (data.verify);
+- `retry`: the one retry policy (jittered backoff, a deadline per read; what is transient);
 - `stream`: what runs in the loader workers (decode, augment, fill skipped slots, collate);
 - `loader`: the training process's side (resume state, counts, skip limit, lookahead) and
   `make_loader`, the entry point.

@@ -30,8 +30,10 @@ from torch.utils.data import DataLoader
 from ssl_dist import storage
 from ssl_dist.data.plan import Layout, Plan, replan
 from ssl_dist.data.reader import ShardSet
+from ssl_dist.data.retry import RetryPolicy
 from ssl_dist.data.stream import ShardStream
-from ssl_dist.decode import IMAGE_FORMATS, DataError, jpeg_decoder
+from ssl_dist.decode import IMAGE_FORMATS, MAX_PIXELS, DataError, jpeg_decoder
+from ssl_dist.failures import TooMuchBadData
 
 PROBLEMS_KEPT = 64  # shards whose problems a rank keeps for its error message
 
@@ -57,7 +59,8 @@ class Loader:
                  seed: int = 0, transform: Callable | None = None, storage_options: dict | None = None,
                  shuffle_window: int = 4096, epoch: int = 0, prefetch_factor: int = 2, image_format: str = "pil",
                  max_skip_fraction: float = 0.01, read_retries: int = 3, retry_backoff: float = 0.5,
-                 lookahead: bool = True):
+                 read_deadline_s: float = 300.0, lookahead: bool = True, max_pixels: int = MAX_PIXELS,
+                 verify: bool = False):
         if world_size < 1 or not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside a world of {world_size}")
         if batch_size < 1 or num_workers < 0:
@@ -71,7 +74,9 @@ class Loader:
         self.options = storage_options or {}
         self.prefetch_factor, self.image_format, self.max_skip_fraction = prefetch_factor, image_format, \
             max_skip_fraction
-        self.shards = ShardSet(url, self.options, retries=read_retries, backoff=retry_backoff)
+        self.shards = ShardSet(url, self.options, policy=RetryPolicy(retries=read_retries, backoff_s=retry_backoff,
+                                                                     deadline_s=read_deadline_s), verify=verify)
+        self.max_pixels = max_pixels
         jpeg_decoder()  # looked up here, so that forked loader workers inherit it instead of importing it again
         window_batches = max(1, shuffle_window // (batch_size * world_size))
         self.layout = Layout(world_size=world_size, num_workers=max(1, num_workers), batch_size=batch_size,
@@ -191,7 +196,8 @@ class Loader:
     def _source(self, plan: Plan, skip: int) -> Iterator[dict]:
         """The batches of `plan` from batch `skip` on. With loader workers, they start now."""
         stream = ShardStream(self.shards, rank=self.rank, layout=self.layout, plan=plan, seed=self.seed,
-                             skip=skip, transform=self.transform, image_format=self.image_format)
+                             skip=skip, transform=self.transform, image_format=self.image_format,
+                             max_pixels=self.max_pixels)
         if not self._use_workers:
             return iter(stream)
         return iter(DataLoader(stream, batch_size=None, num_workers=self.layout.num_workers, collate_fn=_as_is,
@@ -249,7 +255,7 @@ class Loader:
         if share > self.max_skip_fraction * self.shards.total / world:
             worst = sorted(self._problems.items(), key=lambda item: -item[1][0])[:10]
             named = "; ".join(f"{name}: {count} skipped ({reason})" for name, (count, reason) in worst)
-            raise DataError(
+            raise TooMuchBadData(  # a DataError that a restart cannot fix: Ray does not retry it
                 f"too much bad data in {self.url}: rank {self.rank} skipped {self._skipped} samples of epoch "
                 f"{self.epoch} so far, more than max_skip_fraction={self.max_skip_fraction:g} of its share "
                 f"({self.shards.total} samples / {world} ranks). Shards: {named}. Check them with `ssl-dist shards "
@@ -271,7 +277,8 @@ def _as_is(batch: dict) -> dict:
 def make_loader(url: str, *, rank: int, world_size: int, batch_size: int, num_workers: int = 0, seed: int = 0,
                 transform: Callable | None = None, storage_options: dict | None = None, shuffle_window: int = 4096,
                 epoch: int = 0, image_format: str = "pil", max_skip_fraction: float = 0.01, read_retries: int = 3,
-                retry_backoff: float = 0.5, prefetch_factor: int = 2, lookahead: bool = True) -> Loader:
+                retry_backoff: float = 0.5, read_deadline_s: float = 300.0, prefetch_factor: int = 2,
+                lookahead: bool = True, max_pixels: int = MAX_PIXELS, verify: bool = False) -> Loader:
     """The batches of rank `rank` of `world_size` from the shards at `url` (folder with index.json).
 
     Every rank calls this with the same arguments but `rank`. Each batch is a dict with
@@ -284,12 +291,18 @@ def make_loader(url: str, *, rank: int, world_size: int, batch_size: int, num_wo
     what it returns, collated the same way.
     `lookahead`: start the next epoch's loader workers before this epoch ends (see Loader).
     Skipped samples are counted in `loader.stats()`; past `max_skip_fraction` of the epoch
-    the loader raises DataError naming the shards. Shard reads are retried `read_retries`
-    times with exponential backoff from `retry_backoff` seconds.
+    the loader raises DataError naming the shards. Reads are retried with jittered exponential
+    backoff from `retry_backoff` seconds (`data.retry`): data found bad `read_retries` times
+    before its shard is skipped, a throttling or unreachable store until `read_deadline_s`
+    seconds per read, after which the loader raises StorageError naming the store.
+    `max_pixels` (data.max_pixels): an image whose header declares more is a skipped sample.
+    `verify` (data.verify): each shard is checked against the manifest's sha256 on first read
+    in each process; a mismatch skips the shard (the manifest must carry digests).
     """
     if storage_options is None:
         storage_options = storage.storage_options(url)
     return Loader(url, rank=rank, world_size=world_size, batch_size=batch_size, num_workers=num_workers, seed=seed,
                   transform=transform, storage_options=storage_options, shuffle_window=shuffle_window, epoch=epoch,
                   image_format=image_format, max_skip_fraction=max_skip_fraction, read_retries=read_retries,
-                  retry_backoff=retry_backoff, prefetch_factor=prefetch_factor, lookahead=lookahead)
+                  retry_backoff=retry_backoff, read_deadline_s=read_deadline_s, prefetch_factor=prefetch_factor,
+                  lookahead=lookahead, max_pixels=max_pixels, verify=verify)

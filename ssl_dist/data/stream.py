@@ -6,8 +6,9 @@ of a good sample), applies the transform with a seed of (seed, epoch, key) and y
 batches; the Loader in the training process checks their order and counts them.
 
 Bad data. A sample is *skipped* when its bytes cannot be read or parsed, when its shard
-cannot be read (see `reader`), or when it is not a good sample (`decode`: no image member,
-an image that does not decode, a `.cls` that is not an integer...).
+cannot be read or does not match its manifest digest (see `reader`), or when it is not a
+good sample (`decode`: no image member, an image whose header declares more than
+`max_pixels` pixels, an image that does not decode, a `.cls` that is not an integer...).
 
 Equal batches on every rank. A skipped sample keeps its slot in its batch, so every rank
 still gets the same number of batches of the same size (the contrastive loss all-gathers
@@ -47,7 +48,7 @@ from ssl_dist import shards as shardlib
 from ssl_dist import storage
 from ssl_dist.data.plan import Layout, Plan, worker_slice
 from ssl_dist.data.reader import ShardSet, Skip
-from ssl_dist.decode import DataError, decode_samples
+from ssl_dist.decode import MAX_PIXELS, DataError, decode_samples
 
 FILL_SCAN_SAMPLES = 4096  # how far past an all-bad batch the stream looks for a good sample to copy
 FILL_SCAN_SHARDS = 8  # unreadable shards met on that search before it gives up
@@ -117,15 +118,17 @@ class ShardStream(IterableDataset):
     `{"__error__": (type name, message)}` where it must stop. The fields are those of the
     decoded samples (`decode.decode_sample`), or of what `transform` returns, collated
     (`collate`): e.g. "image" (b, 3, H, W) uint8 with image_format="tensor" and equal sizes.
+    `max_pixels`: the largest image decoded (data.max_pixels); a larger one is a skipped sample.
     """
 
     def __init__(self, shards: ShardSet | str, *, rank: int, layout: Layout, plan: Plan, seed: int, skip: int = 0,
                  transform: Callable[[dict], dict] | None = None, storage_options: dict | None = None,
-                 image_format: str = "pil"):
+                 image_format: str = "pil", max_pixels: int = MAX_PIXELS):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet(shards, storage_options)
         self.url = self.shards.url
         self.rank, self.layout, self.plan, self.seed = rank, layout, plan, seed
         self.skip, self.transform, self.image_format = skip, transform, image_format
+        self.max_pixels = max_pixels
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -213,7 +216,7 @@ class ShardStream(IterableDataset):
         outputs: list = [None] * len(raw)
         skips: list[tuple[int, Skip]] = []
         good = [i for i, item in enumerate(raw) if not isinstance(item, Skip)]
-        for i, sample in zip(good, decode_samples([raw[i] for i in good], self.image_format)):
+        for i, sample in zip(good, decode_samples([raw[i] for i in good], self.image_format, self.max_pixels)):
             if isinstance(sample, str):
                 shard = int(run.order[run.slot(int(positions[i]))])
                 skips.append((i, Skip(shard, raw[i][0], sample, False)))
@@ -258,7 +261,7 @@ class ShardStream(IterableDataset):
                 scanned += 1
                 if isinstance(item, Skip):
                     continue
-                (sample,) = decode_samples([item], self.image_format)
+                (sample,) = decode_samples([item], self.image_format, self.max_pixels)
                 if not isinstance(sample, str):
                     run.fillers[after] = self._apply(sample)
                     if len(run.fillers) > 16:

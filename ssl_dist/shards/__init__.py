@@ -12,16 +12,23 @@ A dataset is a folder URL (local path, ``s3://``, ``gs://``) holding:
 
     {"format": "ssl_dist.shards/1",
      "shards": [{"url": "shard-000000.tar", "num_samples": 5000, "size": 12697600,
-                 "index": "shard-000000.idx"}, ...],     # url and index relative to the folder
+                 "index": "shard-000000.idx",            # url and index inside the folder, each once
+                 "sha256": "…", "index_sha256": "…"},    # of the tar's and the sidecar's bytes;
+                ...],                                    #   absent in older manifests
      "num_samples": 50000,
      "fields": ["cls", "jpg"],                           # member extensions; absent in older ones
      "classes": ["airplane", ...],                       # absent when unknown (index_shards)
+     "dropped": {"link_outside": {"count": 2, "examples": [...]}},  # what make left out, by reason
      "created": "2025-01-01T00:00:00Z"}
+
+A manifest whose names leave the folder, that lists a file twice, or whose counts and sizes
+are impossible is refused (`manifest.validate_manifest`).
 
 Modules: `manifest` (the manifest and the one sidecar reader), `tar` (tar headers, read and
 written), `samples` (members grouped into samples, sample byte ranges, the stream's batch
 parser), `make` (``ssl-dist shards make``), `source` (what make packs: images, classes and
-captions, checked before writing), `captions` (caption files and caption checks), `index`
+captions, checked before writing), `captions` (caption files and caption checks), `digest`
+(sha256 of bytes as they are read), `index`
 (``ssl-dist shards index``), `check` (``ssl-dist shards check``), `errors` (ShardError).
 
 Callers: ``ssl_dist.cli`` (``ssl-dist shards make|index|check``) and the data stream

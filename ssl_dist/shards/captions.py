@@ -11,7 +11,9 @@ Two sources of captions:
 - a ``.txt`` beside each image (``x.jpg`` + ``x.txt`` in one folder), read as bytes.
 
 A caption is refused at make time, naming its row or file, when it is empty (or whitespace
-only) or not UTF-8: make is where the user can still fix the source, and a sample whose
+only), longer than MAX_CAPTION_BYTES (a ``.txt`` beside an image is refused by its size,
+unread: a file that large is no caption, and every caption is held in memory until written)
+or not UTF-8: make is where the user can still fix the source, and a sample whose
 ``.txt`` is not UTF-8 is one the stream would skip (decode.py's rule for ``.txt``; shards made
 elsewhere get it skipped, not refused). Caption bytes are kept as they are (no stripping, no
 re-encoding beyond UTF-8 for a text column).
@@ -26,6 +28,8 @@ from typing import Iterator, NamedTuple
 
 from ssl_dist.shards.errors import ShardError
 
+# A caption is text for a tokenizer (CLIP reads 77 tokens); long dense captions take a few KiB.
+MAX_CAPTION_BYTES = 2**20
 TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
                  ".pq": "parquet"}
 
@@ -62,6 +66,9 @@ def caption_bytes(value, where: str, fix: str) -> bytes:
             raise ShardError(f"{where}: the caption is not UTF-8 text: {fix}") from None
     if not isinstance(value, bytes):
         raise ShardError(f"{where}: the caption is a {type(value).__name__}, not text: {fix}")
+    if len(value) > MAX_CAPTION_BYTES:
+        raise ShardError(f"{where}: the caption is {len(value)} bytes, over the {MAX_CAPTION_BYTES} a caption may "
+                         f"take: {fix}")
     problem = caption_problem(value)
     if problem is not None:
         raise ShardError(f"{where}: the caption {problem}: {fix}")

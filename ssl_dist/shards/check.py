@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ssl_dist import storage
+from ssl_dist.shards.digest import HashingReader, sidecar_sha256
 from ssl_dist.shards.errors import ShardError
 from ssl_dist.shards.manifest import read_manifest, read_offsets
 from ssl_dist.shards.samples import group_samples, sample_ranges
@@ -17,14 +18,17 @@ from ssl_dist.shards.tar import parse_members
 MAX_PROBLEMS_PER_SHARD = 20  # a broken shard should not drown the report of the others
 
 
-def check_shards(url: str, *, workers: int = 4, storage_options: dict | None = None) -> dict:
+def check_shards(url: str, *, workers: int = 4, storage_options: dict | None = None,
+                 max_pixels: int | None = None) -> dict:
     """Read every sample the way the data stream does and report what is wrong.
 
     For each shard of the manifest: its size and sample count against the manifest, the
     sidecar offsets, then every sample through a ranged read + `parse_members` +
     `group_samples`, judged by `decode.sample_problems` (the stream's own decoding of the
-    image, ``.cls``, ``.json`` and ``.txt``: a sample passes here exactly when the stream
-    decodes it), each ``.cls`` within the manifest's classes when it has them. Returns
+    image, ``.cls``, ``.json`` and ``.txt``, and its pixel limit, `max_pixels`, default
+    `decode.MAX_PIXELS`: a sample passes here exactly when the stream decodes it), each
+    ``.cls`` within the manifest's classes when it has them; where the manifest carries
+    digests, the shard's bytes (read once, as the samples are) and its sidecar's. Returns
     ``{"shards": int, "samples": int (samples read), "problems": [str, ...]}``, each problem
     naming the shard and, where known, the key. Called by ``ssl-dist shards check``.
     """
@@ -32,13 +36,14 @@ def check_shards(url: str, *, workers: int = 4, storage_options: dict | None = N
     fs, root = storage.filesystem(url, storage_options)
     num_classes = len(manifest["classes"]) if "classes" in manifest else None
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = list(pool.map(lambda shard: check_one_shard(fs, root, url, shard, num_classes),
+        results = list(pool.map(lambda shard: check_one_shard(fs, root, url, shard, num_classes, max_pixels),
                                 manifest["shards"]))
     return {"shards": len(results), "samples": sum(count for count, _ in results),
             "problems": [problem for _, problems in results for problem in problems]}
 
 
-def check_one_shard(fs, root: str, url: str, shard: dict, num_classes: int | None) -> tuple[int, list[str]]:
+def check_one_shard(fs, root: str, url: str, shard: dict, num_classes: int | None,
+                    max_pixels: int | None = None) -> tuple[int, list[str]]:
     """(samples read, problems) for one manifest entry."""
     where = storage.join(url, shard["url"])
     path = posixpath.join(root, shard["url"])
@@ -54,9 +59,17 @@ def check_one_shard(fs, root: str, url: str, shard: dict, num_classes: int | Non
         offsets = read_offsets(url, shard, fs=fs)
     except ShardError as exc:
         return 0, problems + [f"{where}: {exc}"]
+    fix = f"restore it, or re-index with `ssl-dist shards index {url}`"
+    if "index_sha256" in shard and sidecar_sha256(offsets) != shard["index_sha256"]:
+        problems.append(f"{where}: sidecar {shard['index']} does not match the index_sha256 in the manifest "
+                        f"(changed after it was indexed?): {fix}")
     problems += check_offsets(offsets, size, where)
     with storage.translate_errors(url), fs.open(path, "rb") as f:
-        count = check_samples(f, offsets, size, where, num_classes, problems)
+        reader = HashingReader(f)  # every byte passes through the digest once, as the samples are read
+        count = check_samples(reader, offsets, size, where, num_classes, problems, max_pixels)
+        if "sha256" in shard and reader.hexdigest(size) != shard["sha256"]:
+            problems.append(f"{where}: its bytes do not match the sha256 in the manifest (changed after it was "
+                            f"indexed?): {fix}")
     if len(problems) > MAX_PROBLEMS_PER_SHARD:
         problems = problems[:MAX_PROBLEMS_PER_SHARD] + [
             f"{where}: ... and {len(problems) - MAX_PROBLEMS_PER_SHARD} more problems"]
@@ -76,12 +89,14 @@ def check_offsets(offsets: np.ndarray, size: int, where: str) -> list[str]:
 
 
 def check_samples(f, offsets: np.ndarray, size: int, where: str, num_classes: int | None,
-                  problems: list[str]) -> int:
+                  problems: list[str], max_pixels: int | None = None) -> int:
     """Read each sample's range in order, parse and decode it, add to `problems`; returns samples read."""
     # Imported here: decode imports torch, which `ssl-dist shards make` and the driver (which
     # reads manifests) have no use for. The same rules as the stream's, so check passes exactly
     # the samples the stream decodes.
-    from ssl_dist.decode import sample_problems
+    from ssl_dist.decode import MAX_PIXELS, sample_problems
+
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
 
     if len(offsets) and offsets[0] > 0:
         problems += check_prologue(f, int(offsets[0]), where)
@@ -101,7 +116,7 @@ def check_samples(f, offsets: np.ndarray, size: int, where: str, num_classes: in
             continue
         key, fields = samples[0]
         count, previous = count + 1, key
-        problems += [f"{where}: {key}{problem}" for problem in sample_problems(key, fields, num_classes)]
+        problems += [f"{where}: {key}{problem}" for problem in sample_problems(key, fields, num_classes, limit)]
     return count
 
 

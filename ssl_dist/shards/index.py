@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ssl_dist import storage
 from ssl_dist.shards.errors import ShardError
-from ssl_dist.shards.manifest import new_manifest, write_manifest, write_offsets
+from ssl_dist.shards.digest import HashingReader
+from ssl_dist.shards.manifest import new_manifest, validate_manifest, write_manifest, write_offsets
 from ssl_dist.shards.samples import split_name
 from ssl_dist.shards.tar import iter_tar
 
@@ -21,8 +22,10 @@ def index_shards(url: str, *, workers: int = 8, storage_options: dict | None = N
     scan shards in parallel. Samples are grouped by WebDataset's key rule; shards without
     samples are left out of the manifest. Classes are unknown here, so the manifest has none;
     its "fields" are the member extensions found in any sample (e.g. ``["jpg", "json", "txt"]``
-    for the image-text shards of img2dataset or webdataset's ShardWriter).
-    Returns the manifest dict. Called by ``ssl-dist shards index``.
+    for the image-text shards of img2dataset or webdataset's ShardWriter). Each entry carries the
+    sha256 of its shard ("sha256", computed while the shard streams through) and of its sidecar
+    ("index_sha256"). A manifest that would be refused (a shard over `manifest.MAX_SHARD_BYTES`)
+    is not written. Returns the manifest dict. Called by ``ssl-dist shards index``.
     """
     fs, root = storage.filesystem(url, storage_options)
     with storage.translate_errors(url):
@@ -36,20 +39,27 @@ def index_shards(url: str, *, workers: int = 8, storage_options: dict | None = N
     if not entries:
         raise ShardError(f"the shards under {url} hold no samples in WebDataset layout (members KEY.EXT)")
     manifest = new_manifest(entries, classes=None, fields=sorted(fields))
+    validate_manifest(manifest, url)  # refused here, not by every later reader
     write_manifest(fs, root, url, manifest)
     return manifest
 
 
 def index_one_shard(fs, path: str, url: str) -> tuple[dict, set[str]]:
-    """Stream one tar, write its sidecar; returns its manifest entry and the member extensions it holds."""
+    """Stream one tar, write its sidecar; returns its manifest entry and the member extensions it holds.
+
+    The whole tar is read once, through its digest (the header walk alone would seek over the data).
+    """
     name = posixpath.basename(path)
     with storage.translate_errors(url):
         size = fs.size(path)
         with fs.open(path, "rb") as f:
-            offsets, exts = scan_sample_offsets(f, size, storage.join(url, name))
+            reader = HashingReader(f)
+            offsets, exts = scan_sample_offsets(reader, size, storage.join(url, name))
+            digest = reader.hexdigest(size)
         index = name[:-len(".tar")] + ".idx"
-        write_offsets(fs, posixpath.join(posixpath.dirname(path), index), offsets)
-    return {"url": name, "num_samples": len(offsets), "size": size, "index": index}, exts
+        index_digest = write_offsets(fs, posixpath.join(posixpath.dirname(path), index), offsets)
+    return {"url": name, "num_samples": len(offsets), "size": size, "index": index, "sha256": digest,
+            "index_sha256": index_digest}, exts
 
 
 def scan_sample_offsets(f, size: int, where: str) -> tuple[list[int], set[str]]:

@@ -10,23 +10,37 @@ classes and captions are found (ImageFolder layout, ``x.txt`` beside ``x.jpg``, 
 file) is in `source`.
 
 The steps: list and check the source (`source.list_source`: every refusal happens there,
-before anything is written), shuffle, plan the shards with their exact byte sizes
-(`plan_shards`), write them and their sidecars in threads (`write_planned_shards`), and last
-the manifest, which lists the fields the samples carry.
+before anything is written, and what is left out is counted by reason), shuffle, plan the
+shards with their exact byte sizes (`plan_shards`), write them and their sidecars in threads
+(`write_planned_shards`), and last the manifest, which lists the fields the samples carry, each
+shard's and sidecar's sha256 (of the bytes as they were written) and what was left out, under
+"dropped".
+
+Nothing partial is ever left under a final name, for a reader or a later run to take for a
+whole shard (`final_file`): a shard appears under its name only once all its bytes are
+written, and the manifest only once every shard is. Members are copied from the source in
+chunks (`source.CHUNK`), so a writer's memory stays bounded whatever a member's size.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import posixpath
 import random
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
+from fsspec.implementations.local import LocalFileSystem
+
 from ssl_dist import storage
 from ssl_dist.shards.errors import ShardError
 from ssl_dist.shards.manifest import MANIFEST, new_manifest, write_manifest, write_offsets
-from ssl_dist.shards.source import SOURCE_IMAGE_EXTENSIONS, SourceImage, SourceReader, list_source
-from ssl_dist.shards.tar import member_tar_bytes, tar_file_bytes, tar_member
+from ssl_dist.shards.source import (MAX_IMAGE_BYTES, SOURCE_IMAGE_EXTENSIONS, SourceImage, SourceReader,
+                                    list_source)
+from ssl_dist.shards.tar import member_tar_bytes, padded, tar_file_bytes, tar_header
+
+PARTIAL = ".partial"  # suffix of a local shard or sidecar while it is written (renamed when whole)
 
 __all__ = ["SOURCE_IMAGE_EXTENSIONS", "make_shards", "sample_fields"]
 
@@ -34,7 +48,8 @@ __all__ = ["SOURCE_IMAGE_EXTENSIONS", "make_shards", "sample_fields"]
 def make_shards(src: str, dest: str, *, samples_per_shard: int | None = None, shard_bytes: int = 256 * 2**20,
                 workers: int = 4, shuffle_seed: int | None = 0, storage_options: dict | None = None,
                 progress: bool = False, overwrite: bool = False, captions: str | None = None,
-                image_column: str = "image", caption_column: str = "caption") -> dict:
+                image_column: str = "image", caption_column: str = "caption",
+                max_image_bytes: int = MAX_IMAGE_BYTES) -> dict:
     """Turn an image folder (or an uncompressed tar of one) into shards + sidecars + manifest.
 
     `src`: a local folder, or a local ``.tar`` of one whose members may all sit under one
@@ -48,11 +63,15 @@ def make_shards(src: str, dest: str, *, samples_per_shard: int | None = None, sh
     `overwrite` (which deletes the old manifest first, then the old shards).
     Samples are shuffled with `shuffle_seed` (None: sorted by key) and cut, in that order, into
     shards of at most `samples_per_shard` samples and `shard_bytes` bytes (a single larger
-    sample gets a shard of its own); `workers` threads write the shards.
-    Returns the manifest dict that was written to ``dest/index.json``. Called by
+    sample gets a shard of its own); `workers` threads write the shards. Image files over
+    `max_image_bytes` are left out, as are links, hidden and special files (`source`).
+    Returns the manifest dict that was written to ``dest/index.json``; its "dropped" says what
+    was left out and why, ``{reason: {"count": n, "examples": [path, ...]}}`` (reasons in
+    `source.DROP_REASONS`, ``{}`` when nothing was), which the CLI prints. Called by
     ``ssl-dist shards make``.
     """
-    classes, images = list_source(src, captions, image_column=image_column, caption_column=caption_column)
+    classes, images, dropped = list_source(src, captions, image_column=image_column, caption_column=caption_column,
+                                           max_image_bytes=max_image_bytes)
     order = shuffled(images, shuffle_seed)
     plan = plan_shards(order, samples_per_shard=samples_per_shard, shard_bytes=shard_bytes)
     fs, root = storage.filesystem(dest, storage_options)
@@ -61,6 +80,7 @@ def make_shards(src: str, dest: str, *, samples_per_shard: int | None = None, sh
     tar_path = src if os.path.isfile(src) else None
     entries = write_planned_shards(fs, root, dest, plan, tar_path, workers=workers, progress=progress)
     manifest = new_manifest(entries, classes, sample_fields(images))
+    manifest["dropped"] = dropped
     write_manifest(fs, root, dest, manifest)
     return manifest
 
@@ -121,7 +141,8 @@ def sample_tar_bytes(image: SourceImage) -> int:
 def prepare_destination(fs, root: str, dest: str, overwrite: bool) -> None:
     """Refuse to mix new shards with old ones; with `overwrite`, delete the old ones first."""
     with storage.translate_errors(dest):
-        old = fs.glob(root + "/shard-*.tar") + fs.glob(root + "/shard-*.idx")
+        # *.partial: what a make that was killed while writing left (locally)
+        old = fs.glob(root + "/shard-*.tar") + fs.glob(root + "/shard-*.idx") + fs.glob(root + f"/shard-*{PARTIAL}")
         manifest = posixpath.join(root, MANIFEST)
         has_manifest = fs.exists(manifest)
         if not (old or has_manifest):
@@ -165,19 +186,89 @@ def progress_bar(total: int, enabled: bool):
 
 
 def write_shard(fs, root: str, dest: str, number: int, images: list[SourceImage], tar_path: str | None) -> dict:
-    """Write ``shard-NNNNNN.tar`` and its ``.idx``; returns the shard's manifest entry."""
+    """Write ``shard-NNNNNN.tar`` and its ``.idx``, each under its name only once whole; returns the
+    shard's manifest entry, with the sha256 of each as it was written."""
     name = f"shard-{number:06d}"
-    offsets, size = [], 0
-    with storage.translate_errors(dest), fs.open(posixpath.join(root, f"{name}.tar"), "wb") as out, \
-            SourceReader(tar_path) as read:
+    offsets = []
+    with storage.translate_errors(dest), final_file(fs, posixpath.join(root, f"{name}.tar")) as f, \
+            SourceReader(tar_path) as source:
+        out = DigestWriter(f)
         for image in images:
-            offsets.append(size)
-            members = sample_members(image, read(image))
-            sample = b"".join(tar_member(f"{image.key}.{ext}", data) for ext, data in members)
-            out.write(sample)
-            size += len(sample)
-        out.write(bytes(tar_file_bytes(size) - size))
-        size = tar_file_bytes(size)
+            offsets.append(out.size)
+            write_sample(out, image, source)
+        out.write(bytes(tar_file_bytes(out.size) - out.size))
     with storage.translate_errors(dest):
-        write_offsets(fs, posixpath.join(root, f"{name}.idx"), offsets)
-    return {"url": f"{name}.tar", "num_samples": len(images), "size": size, "index": f"{name}.idx"}
+        index_sha256 = write_sidecar(fs, posixpath.join(root, f"{name}.idx"), offsets)
+    return {"url": f"{name}.tar", "num_samples": len(images), "size": out.size, "index": f"{name}.idx",
+            "sha256": out.sha256.hexdigest(), "index_sha256": index_sha256}
+
+
+def write_sample(out: DigestWriter, image: SourceImage, source: SourceReader) -> None:
+    """One sample's members: each a header, its data (the image streamed from the source in
+    bounded chunks) and zero padding."""
+    for ext, data in sample_members(image, None):
+        size = image.size if data is None else len(data)
+        out.write(tar_header(f"{image.key}.{ext}", size))
+        for chunk in (source.chunks(image) if data is None else (data,)):
+            out.write(chunk)
+        out.write(bytes(padded(size) - size))
+
+
+class DigestWriter:
+    """Writes to a binary file, counting the bytes and hashing them (sha256) as they go out, so
+    the digest is of what was written, without reading it back."""
+
+    def __init__(self, f):
+        self.f, self.size, self.sha256 = f, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.f.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+
+
+@contextlib.contextmanager
+def final_file(fs, path: str):
+    """A binary file to write `path` through; its bytes appear under that name only if the block
+    ends without an error.
+
+    Locally it is ``path + PARTIAL``, renamed at the end (removed on an error). On an object
+    store it is a multipart upload completed only at the end and aborted on an error: s3fs's
+    own file object completes it on close, even when the block raised, which would leave the
+    first part of a shard under its final name, so it is opened with autocommit off.
+    """
+    if isinstance(fs, LocalFileSystem):
+        with renamed_when_whole(path) as temp, open(temp, "wb") as f:
+            yield f
+        return
+    f = fs.open(path, "wb", autocommit=False)
+    try:
+        yield f
+        f.close()
+        f.commit()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a failed abort leaves a pending upload, invisible, never an object
+            f.discard()
+        raise
+
+
+def write_sidecar(fs, path: str, offsets: list[int]) -> str:
+    """Write a shard's sidecar (`manifest.write_offsets`: on an object store one PUT, whole or
+    nothing; locally through a rename); returns the sha256 of what it wrote."""
+    if not isinstance(fs, LocalFileSystem):
+        return write_offsets(fs, path, offsets)
+    with renamed_when_whole(path) as temp:
+        return write_offsets(fs, temp, offsets)
+
+
+@contextlib.contextmanager
+def renamed_when_whole(path: str):
+    """The local path ``path + PARTIAL`` to write; renamed to `path` when the block ends, removed if it raises."""
+    temp = path + PARTIAL
+    try:
+        yield temp
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temp)
+        raise

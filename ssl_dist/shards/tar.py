@@ -53,39 +53,56 @@ class TarEntry(NamedTuple):
     offset: int  # of its first header block: its PAX 'x' or GNU 'L' header when it has one
     data_offset: int
     size: int
+    kind: bytes = b"0"  # typeflag: b"0" regular file, b"2" symlink, b"5" directory...
 
 
-def iter_tar(f, end: int) -> Iterator[TarEntry]:
+class TruncatedTar(ShardError):
+    """A tar that ends before its end: inside a header or a member, or without its end-of-archive marker."""
+
+
+def iter_tar(f, end: int, *, complete: bool = False, every_kind: bool = False) -> Iterator[TarEntry]:
     """The regular-file entries of a tar of `end` bytes read from binary file `f` (at its start).
 
     Reads headers in order and seeks over the data, so a shard streams through in one pass
     with nothing but headers in memory. One parser serves `parse_members`, `index_shards` and
     the source listing, so the offsets written to sidecars are the ones readers parse from.
-    Stops at the end-of-archive zero block or at `end`; raises ShardError on a bad header or a
-    member that runs past `end`.
+    Stops at the end-of-archive zero block or at `end`; raises ShardError on a bad header and
+    TruncatedTar on a member that runs past `end`.
+    `complete`: `f` is a whole tar file, not a byte range of one, so it must end with the
+    end-of-archive marker, two zero blocks, as every tar writer (GNU tar, bsdtar, tarfile)
+    writes it: tarfile and webdataset stop silently where the bytes stop, so a tar cut at a
+    member boundary would read as a smaller dataset. Without it raises TruncatedTar.
+    `every_kind`: yield every member but the PAX/GNU extended headers (links, folders, devices:
+    see `kind`), for a caller that reports what it skips.
     """
     pos, first, pending = 0, None, {}
     while pos < end:
         header = f.read(BLOCK)
         if header.count(0) == len(header):
+            if complete and (len(header) < BLOCK or f.read(BLOCK) != bytes(BLOCK)):
+                raise TruncatedTar(f"it ends at byte {end} inside its end-of-archive marker (two zero blocks)")
             return  # end-of-archive marker, or zero padding up to the end
         if len(header) < BLOCK:
-            raise ShardError(f"tar header cut short at byte {pos} of {end} (truncated?)")
+            raise TruncatedTar(f"tar header cut short at byte {pos} of {end} (truncated?)")
         check_header(header, pos)
         kind = header[156:157]
         size = int(pending["size"]) if "size" in pending and kind not in META_KINDS else header_number(header[124:136])
         if pos + BLOCK + size > end:
-            raise ShardError(f"tar member at byte {pos} needs {size} bytes but only {end - pos - BLOCK} follow "
-                             f"(truncated?)")
+            raise TruncatedTar(f"tar member at byte {pos} needs {size} bytes but only {end - pos - BLOCK} follow "
+                               f"(truncated?)")
         first = pos if first is None else first
         if kind in META_KINDS:
             apply_meta(kind, f.read(padded(size))[:size], pending)
         else:
-            if kind in REGULAR_KINDS:
-                yield TarEntry(pending.get("path") or header_name(header), first, pos + BLOCK, size)
+            if every_kind or kind in REGULAR_KINDS:
+                yield TarEntry(pending.get("path") or header_name(header), first, pos + BLOCK, size, kind)
             first, pending = None, {}
             f.seek(pos + BLOCK + padded(size))
         pos += BLOCK + padded(size)
+    if complete:
+        raise TruncatedTar("it is empty (0 bytes)" if end == 0 else
+                           f"it ends at byte {end} after a member, without the end-of-archive marker (two zero "
+                           f"blocks) that closes a whole tar")
 
 
 def apply_meta(kind: bytes, payload: bytes, pending: dict[str, str]) -> None:
@@ -185,17 +202,18 @@ def octal_fields(field: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return value, started & ~bad
 
 
-def tar_member(name: str, data: bytes) -> bytes:
-    """One member exactly as ``tarfile`` writes it in GNU format: header, data, zero padding.
+def tar_header(name: str, size: int) -> bytes:
+    """The header block(s) ``tarfile`` writes in GNU format for a member of `size` bytes (a GNU
+    ``L`` long-name entry first for names over 100 bytes); its data and padding follow.
 
     The header comes from ``TarInfo.tobuf``; we skip ``TarFile.addfile`` only because it copies
-    the TarInfo and the data stream for every member (a third of the time for small images).
-    TarInfo's defaults (mtime 0, mode 0o644, uid/gid 0, no owner names) keep the bytes
-    identical from run to run.
+    the TarInfo and the data stream for every member (a third of the time for small images),
+    and so that the data can be streamed from the source in chunks. TarInfo's defaults (mtime
+    0, mode 0o644, uid/gid 0, no owner names) keep the bytes identical from run to run.
     """
     info = tarfile.TarInfo(name)
-    info.size = len(data)
-    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape") + data + bytes(padded(len(data)) - len(data))
+    info.size = size
+    return info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
 
 
 def member_tar_bytes(name: str, size: int) -> int:

@@ -1,10 +1,11 @@
 """Bad data and broken storage under the data stream, over the S3 protocol (moto on 127.0.0.1).
 
 A corrupt JPEG, a shard truncated after it was indexed, a shard and a sidecar deleted from the
-bucket, an endpoint that is unreachable from the start or goes away mid-epoch: the stream
-skips what the issue says it skips (the same samples in every layout and across a resume),
-keeps every batch full on every rank, counts exactly, and stops with a clear error where it
-must.
+bucket, an endpoint that is unreachable from the start or goes away mid-epoch, a store that
+throttles (503 SlowDown, from a proxy in front of moto) for a few seconds or past the read
+deadline: the stream skips what the issue says it skips (the same samples in every layout and
+across a resume), waits out what is no bad data, keeps every batch full on every rank, counts
+exactly, and stops with a clear error where it must.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 from cifar import cifar_slice
 from services import free_port, start_moto
+from throttle_proxy import ThrottleProxy
 
 from ssl_dist import data, shards, storage
+from ssl_dist.data.retry import RetryPolicy
 
 PER_CLASS, SPS = 20, 23  # 200 real JPEGs in 8 shards of 23 and one of 16
 BATCH = 10  # with 1 or 2 ranks, 200 samples leave no remainder
@@ -196,9 +199,12 @@ def unreachable_options(endpoint: str) -> dict:
 def test_unreachable_endpoint_from_the_start():
     options = unreachable_options(f"http://127.0.0.1:{free_port()}")
     started = time.monotonic()
-    with pytest.raises(storage.StorageError, match="cannot reach the object store .* check the endpoint"):
-        data.make_loader("s3://somewhere/shards", rank=0, world_size=1, batch_size=4, storage_options=options)
+    with pytest.raises(storage.StorageError, match="cannot reach the object store .* check the endpoint") as stop:
+        data.make_loader("s3://somewhere/shards", rank=0, world_size=1, batch_size=4, storage_options=options,
+                         retry_backoff=0.05, read_deadline_s=3)
     assert time.monotonic() - started < 60
+    assert options["client_kwargs"]["endpoint_url"] in str(stop.value) and "'somewhere'" in str(stop.value)
+    assert "data.read_deadline_s=3 s" in str(stop.value)
 
 
 def test_endpoint_lost_mid_epoch_stops_with_a_clear_error(made):
@@ -213,7 +219,7 @@ def test_endpoint_lost_mid_epoch_stops_with_a_clear_error(made):
             fs.pipe_file(f"lost/d/{path.name}", path.read_bytes())
         loader = data.make_loader("s3://lost/d", rank=0, world_size=1, batch_size=BATCH, num_workers=1,
                                   storage_options=options, transform=keys_only, shuffle_window=20, read_retries=1,
-                                  retry_backoff=0.01)
+                                  retry_backoff=0.01, read_deadline_s=5)
         iterator = iter(loader)
         next(iterator)
     finally:
@@ -225,3 +231,76 @@ def test_endpoint_lost_mid_epoch_stops_with_a_clear_error(made):
             pass
     assert time.monotonic() - started < 90
     assert loader.stats()["skipped_samples"] == 0  # an unreachable store is no bad data: nothing was skipped
+
+
+# ------------------------------------------------------------------ a throttling store (503 SlowDown)
+
+
+@pytest.fixture
+def proxy(s3_endpoint):
+    """A proxy in front of the session's moto server that answers 503 SlowDown to GETs when told."""
+    with ThrottleProxy(s3_endpoint) as running:
+        yield running
+
+
+def through(proxy: ThrottleProxy, url: str) -> dict:
+    return storage.storage_options(url, endpoint_url=proxy.endpoint)
+
+
+def test_one_failed_get_is_one_attempt_below_the_retry_layer(cifar_shards_s3, proxy, monkeypatch):
+    url = cifar_shards_s3["train"]
+    # the clients the stream reads through send a failed GET once: neither botocore nor s3fs retries it
+    fs, root = storage.filesystem(url, storage.single_attempt(url, through(proxy, url)))
+    proxy.throttle(forever=True)
+    with pytest.raises(OSError, match="reduce your request rate"):
+        fs.cat_file(f"{root}/shard-000000.idx")
+    assert proxy.count("GET") == 1
+
+    # under the reader: as many GETs reach the store as the retry layer makes attempts
+    proxy.throttle()
+    shardset = data.ShardSet(url, through(proxy, url), policy=RetryPolicy(backoff_s=0.05, deadline_s=30))
+    attempts = []
+    reading = shardset.fs()
+    monkeypatch.setattr(reading, "cat_file", lambda *a, **kw: attempts.append(a) or type(reading).cat_file(
+        reading, *a, **kw))
+    before = proxy.count("GET")
+    proxy.throttle(requests=3)  # the next 3 GETs: 503 SlowDown
+    samples = shardset.read_samples(1, 0, 5)
+    assert all(not isinstance(s, data.Skip) for s in samples)
+    assert len(attempts) == proxy.count("GET") - before == 2 + 3  # sidecar and shard, 3 of them answered 503
+    assert proxy.count("GET", 503) == 1 + 3
+
+
+def test_throttled_for_a_few_seconds_the_stream_waits_and_delivers_every_sample_once(cifar_shards_s3, proxy):
+    url = cifar_shards_s3["train"]
+    expected = {f"{p.parent.name}/{p.stem}" for p in cifar_shards_s3["train_src"].glob("*/*.jpg")}
+    kw = {"storage_options": through(proxy, url), "transform": keys_only, "retry_backoff": 0.05,
+          "read_deadline_s": 60, "num_workers": 1}
+    proxy.throttle(seconds=2)  # at start: the manifest is waited for
+    loaders = [data.make_loader(url, rank=r, world_size=2, batch_size=BATCH, **kw) for r in range(2)]
+    assert proxy.count("GET", 503) > 0
+    proxy.throttle(seconds=4)  # mid-stream: sidecars and shards
+    started = time.monotonic()
+    per_rank = [[light(b) for b in loader] for loader in loaders]
+    check_full_batches(per_rank)
+    keys = valid_keys(per_rank)
+    assert len(keys) == len(set(keys)) == 200 and set(keys) == expected  # every sample, exactly once
+    assert total(loaders, "skipped_samples") == 0 and total(loaders, "skipped_shards") == 0
+    assert time.monotonic() - started >= 4  # nothing got through the 4 s of throttling ...
+    assert proxy.count("GET", 503) > 10 and proxy.count("GET", 206) + proxy.count("GET", 200) >= 10  # ... then all did
+
+
+def test_throttled_past_the_deadline_the_stream_stops_naming_the_store(cifar_shards_s3, proxy):
+    url = cifar_shards_s3["train"]
+    loader = data.make_loader(url, rank=0, world_size=1, batch_size=BATCH, num_workers=1, transform=keys_only,
+                              storage_options=through(proxy, url), retry_backoff=0.05, read_deadline_s=3)
+    proxy.throttle(forever=True)
+    started = time.monotonic()
+    with pytest.raises(storage.StorageError) as stop:
+        for _ in loader:
+            pass
+    assert 3 <= time.monotonic() - started < 60
+    message = str(stop.value)
+    assert f"the object store {proxy.endpoint}, bucket 'cifar-shards' kept throttling" in message
+    assert "data.read_deadline_s=3 s" in message and "nothing was skipped as bad data" in message
+    assert loader.stats()["skipped_samples"] == 0 and loader.stats()["skipped_shards"] == 0

@@ -163,7 +163,9 @@ def test_caption_file_jsonl_and_csv_through_the_cli(source, expected, tmp_path, 
     dest = tmp_path / "shards"
     assert cli.main(["shards", "make", str(source), str(dest), "--captions", str(table), "--image-column", "path",
                      "--caption-column", "text", "--samples-per-shard", "30"]) == 0
-    assert "100 samples" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "100 samples" in out
+    assert "100 images the caption file does not name" in out, out  # said, not silently left out
     manifest = shards.read_manifest(str(dest))
     assert manifest["fields"] == ["jpg", "txt"]
     assert [s["num_samples"] for s in manifest["shards"]] == [30, 30, 30, 10]
@@ -237,6 +239,32 @@ def test_bad_captions_beside_images_are_refused_before_writing(source, tmp_path,
     (partial / "cat" / "0003.txt").unlink()
     err = refused([str(partial)], dest, capsys)
     assert "1 of 200 images in" in err and "have no caption beside them (e.g. cat/0003.jpg)" in err
+
+
+def test_oversized_captions_are_refused_unread(source, expected, tmp_path, capsys):
+    import tracemalloc
+
+    root = tmp_path / "src"
+    shutil.copytree(source, root)
+    for image in root.rglob("*.jpg"):
+        image.with_suffix(".txt").write_text("a photo", encoding="utf-8")
+    with open(root / "cat" / "0003.txt", "r+b") as f:
+        f.truncate(64 * 2**20)  # sparse: 64 MiB of zero bytes, UTF-8 and not blank, yet no caption
+    dest = tmp_path / "out"
+    tracemalloc.start()
+    try:
+        err = refused([str(root)], dest, capsys)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.0f} MiB"
+    assert re.search(r"caption .*src/cat/0003.txt of image cat/0003.jpg is 67108864 bytes, over the 1048576 "
+                     r"a caption may take: ", err), err
+    keys = sorted(expected)
+    table = tmp_path / "long.jsonl"
+    write_table(table, [{"image": f"{keys[0]}.jpg", "caption": "x" * (2**20 + 1)}])
+    err = refused([str(source), "--captions", str(table)], dest, capsys)
+    assert "long.jsonl row 1: the caption is 1048577 bytes, over the 1048576 a caption may take" in err, err
 
 
 def test_index_records_the_fields_of_shardwriter_shards(flat, tmp_path):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import re
 import shutil
 import tarfile
@@ -84,3 +86,58 @@ def test_check_judges_samples_as_the_stream_decodes_them(tmp_path, expected):
     problems = "\n".join(report["problems"])
     assert "bad/json.json: does not parse" in problems and "bad/txt.txt: is not UTF-8 text" in problems
     assert "bad/jpg.jpg: image does not decode" in problems
+
+
+def with_digests(folder) -> dict:
+    """Write the sha256 of each shard and sidecar of `folder` into its manifest (as `shards index` and
+    `shards make` write them); returns the manifest."""
+    manifest = json.loads((folder / "index.json").read_text())
+    for entry in manifest["shards"]:
+        entry["sha256"] = hashlib.sha256((folder / entry["url"]).read_bytes()).hexdigest()
+        entry["index_sha256"] = hashlib.sha256((folder / entry["index"]).read_bytes()).hexdigest()
+    (folder / "index.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_check_verifies_the_digests_of_shards_and_sidecars(local, tmp_path, capsys):
+    from ssl_dist import cli
+
+    dest, _ = local
+    folder = tmp_path / "digests"
+    shutil.copytree(dest, folder)
+    manifest = with_digests(folder)
+    assert shards.check_shards(str(folder))["problems"] == []
+    # a same-size change that decodes: a label digit, and a sidecar whose digest is not the manifest's
+    data = bytearray((folder / "shard-000002.tar").read_bytes())
+    data[512] = ord("9") if data[512] != ord("9") else ord("8")
+    (folder / "shard-000002.tar").write_bytes(bytes(data))
+    manifest["shards"][3]["index_sha256"] = "0" * 64
+    (folder / "index.json").write_text(json.dumps(manifest))
+
+    problems = shards.check_shards(str(folder))["problems"]
+    assert len(problems) == 2, problems
+    assert re.fullmatch(r".*/shard-000002\.tar: its bytes do not match the sha256 in the manifest \(changed after "
+                        r"it was indexed\?\): restore it, or re-index with `ssl-dist shards index .*`", problems[0])
+    assert re.fullmatch(r".*/shard-000003\.tar: sidecar shard-000003\.idx does not match the index_sha256 in the "
+                        r"manifest .*", problems[1])
+    assert cli.main(["shards", "check", str(folder)]) == 1
+    assert "2 problems" in capsys.readouterr().out
+
+
+def test_check_refuses_images_over_the_pixel_limit(tmp_path, expected):
+    from test_decode import claiming
+
+    jpg = next(iter(expected.values()))[0]
+    folder = tmp_path / "large"
+    folder.mkdir()
+    with tarfile.open(folder / "part-0.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        for key, data in (("good", jpg), ("large", claiming(9000, 9000))):
+            info = tarfile.TarInfo(f"{key}.jpg")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    shards.index_shards(str(folder))
+    problems = shards.check_shards(str(folder))["problems"]
+    assert len(problems) == 1 and problems[0].endswith(
+        "part-0.tar: large.jpg: image is 9000 x 9000 pixels, more than data.max_pixels=67108864: shrink it or raise "
+        "data.max_pixels"), problems
+    assert len(shards.check_shards(str(folder), max_pixels=32 * 32 - 1)["problems"]) == 2  # the 32 x 32 one too

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -60,3 +64,32 @@ def test_index_without_shards_is_clear(tmp_path):
                                                              "num_samples": 0}))
     with pytest.raises(ShardError, match="no \\*.tar shards"):
         shards.index_shards(str(tmp_path / "bad"))
+
+
+def test_index_writes_the_digest_of_each_shard_and_sidecar(local, tmp_path):
+    dest, made = local
+    folder = tmp_path / "copied"
+    folder.mkdir()
+    for shard in made["shards"]:
+        shutil.copy(dest / shard["url"], folder / shard["url"])
+    indexed = shards.index_shards(str(folder))
+    for shard in indexed["shards"]:
+        assert shard["sha256"] == hashlib.sha256((folder / shard["url"]).read_bytes()).hexdigest()
+        assert shard["index_sha256"] == hashlib.sha256((folder / shard["index"]).read_bytes()).hexdigest()
+    assert shards.read_manifest(str(folder))["shards"] == indexed["shards"]  # as written to index.json
+
+
+def test_index_refuses_a_shard_larger_than_a_manifest_may_say(tmp_path, monkeypatch):
+    from ssl_dist.shards import manifest
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    (folder / "part-0.tar").write_bytes(b"\0" * 1024)
+    with tarfile.open(folder / "part-1.tar", "w", format=tarfile.GNU_FORMAT) as tar:  # one sample
+        info = tarfile.TarInfo("a.cls")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"1"))
+    monkeypatch.setattr(manifest, "MAX_SHARD_BYTES", 2048)  # instead of writing a 64 GiB file
+    with pytest.raises(ShardError, match=r"shard #0 \('part-1.tar'\): size 10240: more than"):
+        shards.index_shards(str(folder))
+    assert not (folder / "index.json").exists()

@@ -10,6 +10,7 @@ import pytest
 
 from ssl_dist import shards, storage
 from ssl_dist.shards import ShardError
+from ssl_dist.shards.manifest import validate_manifest
 
 
 def test_read_manifest_user_errors_are_clear(tmp_path, bucket):
@@ -57,3 +58,116 @@ def test_read_offsets_refuses_a_missing_or_wrong_sidecar(local, tmp_path):
     assert len(shards.read_offsets(str(broken), second, first=0, stop=63)) == 63
     with pytest.raises(ShardError, match="shorter than the manifest's 64 samples say"):
         shards.read_offsets(str(broken), second, first=60, stop=64)
+
+
+# ------------------------------------------------------------------ what a manifest may say
+
+
+def manifest_with(manifest: dict, number: int = 0, **changes) -> dict:
+    """A copy of `manifest` with entry `number` changed (num_samples kept consistent)."""
+    entries = [dict(entry) for entry in manifest["shards"]]
+    entries[number].update(changes)
+    total = sum(e["num_samples"] for e in entries if isinstance(e["num_samples"], int))
+    return {**manifest, "shards": entries, "num_samples": total}
+
+
+OUTSIDE = {  # a name -> what the message says about it
+    "../other/shard-000000.tar": "'..'",
+    "sub/../../shard-000000.tar": "'..'",
+    "/etc/shard-000000.tar": "absolute",
+    "s3://other-bucket/shard-000000.tar": "scheme",
+    "file:///tmp/shard-000000.tar": "scheme",
+    "sub\\shard-000000.tar": "backslash",
+    "sub//shard-000000.tar": "empty",
+    "./shard-000000.tar": "'.'",
+    "": "empty",
+}
+
+
+@pytest.mark.parametrize("field", ["url", "index"])
+@pytest.mark.parametrize("name", list(OUTSIDE))
+def test_manifest_entries_must_name_files_inside_the_folder(local, field, name):
+    dest, manifest = local
+    bad = manifest_with(manifest, 1, **{field: name})
+    with pytest.raises(ShardError) as refused:
+        validate_manifest(bad, str(dest))
+    message = str(refused.value)
+    assert f"shard #1 ({field} {name!r})" in message and OUTSIDE[name] in message, message
+    assert "inside" in message and "ssl-dist shards index" in message, message
+    ok = manifest_with(manifest, 1, url="sub/part-1.tar", index="sub/part-1.idx")  # a subfolder stays inside
+    validate_manifest(ok, str(dest))
+
+
+def test_manifest_refuses_a_shard_or_sidecar_listed_twice(local):
+    dest, manifest = local
+    twice = {**manifest, "shards": manifest["shards"] + [manifest["shards"][0]],
+             "num_samples": manifest["num_samples"] + manifest["shards"][0]["num_samples"]}
+    with pytest.raises(ShardError, match=r"shard #4 \(url 'shard-000000.tar'\) is listed twice \(also shard #0\)"):
+        validate_manifest(twice, str(dest))
+    shared_sidecar = manifest_with(manifest, 2, index=manifest["shards"][1]["index"])
+    with pytest.raises(ShardError, match=r"shard #2 \(index 'shard-000001.idx'\) is listed twice \(also shard #1\)"):
+        validate_manifest(shared_sidecar, str(dest))
+
+
+BAD_ENTRIES = [  # (change to entry #1, what the message says)
+    ({"num_samples": True}, r"num_samples True: must be a whole number"),
+    ({"num_samples": 2.0}, r"num_samples 2.0: must be a whole number"),
+    ({"num_samples": -1}, r"num_samples -1: must be at least 0"),
+    ({"size": False}, r"size False: must be a whole number"),
+    ({"size": 10**12}, r"size 1000000000000: more than 64 GiB"),
+    ({"size": 512 * 64 - 1}, r"size 32767: too small for 64 samples \(each starts with a 512-byte tar header"),
+    ({"sha256": "AB" * 32}, r"sha256 'ABAB.*': must be 64 lowercase hex digits"),
+    ({"sha256": "ab" * 31}, r"sha256 'abab.*': must be 64 lowercase hex digits"),
+    ({"index_sha256": 7}, r"index_sha256 7: must be 64 lowercase hex digits"),
+]
+
+
+@pytest.mark.parametrize("change, said", BAD_ENTRIES, ids=[str(c) for c, _ in BAD_ENTRIES])
+def test_manifest_refuses_impossible_counts_sizes_and_digests(local, change, said):
+    dest, manifest = local
+    with pytest.raises(ShardError, match=rf"index.json: shard #1 \('shard-000001.tar'\): {said}.*: re-create it"):
+        validate_manifest(manifest_with(manifest, 1, **change), str(dest))
+
+
+def test_manifest_refuses_a_boolean_total_and_keeps_older_manifests_valid(local):
+    dest, manifest = local
+    one = manifest_with(manifest, 0, num_samples=1, size=2048)
+    one = {**one, "shards": one["shards"][:1], "num_samples": True}  # True == 1: the sum check alone lets it in
+    with pytest.raises(ShardError, match=r"num_samples is True but its shards hold 1"):
+        validate_manifest(one, str(dest))
+    older = {**manifest, "shards": [{k: v for k, v in e.items() if k not in ("sha256", "index_sha256")}
+                                    for e in manifest["shards"]]}
+    validate_manifest(older, str(dest))  # no digests: still valid
+    digests = manifest_with(manifest, 0, sha256="0" * 64, index_sha256="a" * 64)
+    validate_manifest(digests, str(dest))
+    empty = manifest_with(manifest, 3, num_samples=0, size=0)  # a shard without samples is allowed
+    validate_manifest(empty, str(dest))
+
+
+def test_check_never_reads_outside_the_dataset_folder(local, bucket, s3_endpoint, tmp_path):
+    """A manifest naming the shards of another folder ('..') or of another bucket (an absolute name)
+    is refused before anything is read; `shards check` read (and passed) those shards before."""
+    import boto3
+
+    dest, made = local
+    shutil.copytree(dest, tmp_path / "private")
+    (tmp_path / "mine").mkdir()
+    for entry in made["shards"]:
+        shutil.copy(dest / entry["index"], tmp_path / "mine" / entry["index"])
+    entries = [{**e, "url": "../private/" + e["url"]} for e in made["shards"]]
+    (tmp_path / "mine" / "index.json").write_text(json.dumps({**made, "shards": entries}))
+    with pytest.raises(ShardError, match=r"index.json: shard #0 \(url '../private/shard-000000.tar'\) .*inside"):
+        shards.check_shards(str(tmp_path / "mine"))
+
+    url = f"s3://{bucket}/mine"
+    options = storage.storage_options(url)
+    fs, root = storage.filesystem(url, options)
+    other = f"{bucket}-other"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=other)
+    for entry in made["shards"]:
+        fs.put_file(str(dest / entry["url"]), f"{other}/private/{entry['url']}")
+        fs.put_file(str(dest / entry["index"]), f"{root}/{entry['index']}")
+    entries = [{**e, "url": f"/{other}/private/{e['url']}"} for e in made["shards"]]
+    fs.pipe_file(f"{root}/index.json", json.dumps({**made, "shards": entries}).encode())
+    with pytest.raises(ShardError, match=rf"shard #0 \(url '/{other}/private/shard-000000.tar'\) .*absolute"):
+        shards.check_shards(url, storage_options=options)
