@@ -8,6 +8,7 @@ where needed). During training, `live_eval` scores the live model on small label
 
 from __future__ import annotations
 
+import sys
 from typing import Iterator
 
 import torch
@@ -23,13 +24,19 @@ class EvaluationError(RuntimeError):
 
 
 def iter_labeled(url: str, *, image_size: int, batch_size: int = 256, storage_options: dict | None = None,
-                 limit: int = 0, rank: int = 0, world: int = 1, view=None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                 limit: int = 0, rank: int = 0, world: int = 1, view=None,
+                 max_pixels: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every sample of the shards at `url` once, in manifest order: (images (B, 3, S, S), labels (B,)).
 
     `limit`: only the first `limit` samples (0: all). `rank`/`world`: only samples number
     rank, rank + world, ... of those (the others are read, not decoded). `view`: the method's
-    `eval_view()` (default: `EvalView(image_size)`, SimCLR's normalisation).
+    `eval_view()` (default: `EvalView(image_size)`, SimCLR's normalisation). `max_pixels`: the
+    pixel limit of `decode` (data.max_pixels; None: its default); a sample over it, like any
+    sample that does not decode, raises DataError.
     """
+    from ssl_dist.decode import MAX_PIXELS
+
+    pixels = MAX_PIXELS if max_pixels is None else max_pixels
     shards = data.ShardSet(url, storage_options if storage_options is not None else storage.storage_options(url))
     view = view or EvalView(image_size)
     images, labels = [], []
@@ -41,7 +48,7 @@ def iter_labeled(url: str, *, image_size: int, batch_size: int = 256, storage_op
         for (_, index), (key, fields) in sorted(shards.read_runs([(shard, 0, stop)]).items()):
             if (position + index) % world != rank:
                 continue
-            sample = view(data.decode_sample(key, fields))
+            sample = view(data.decode_sample(key, fields, max_pixels=pixels))
             if sample["cls"] < 0:
                 raise EvaluationError(f"sample {key!r} of {url} has no label (.cls): kNN needs labeled shards")
             images.append(sample["image"])
@@ -129,23 +136,68 @@ def eval_view(cfg):
     return methods.resolve(cfg.method.name)(cfg).eval_view()
 
 
-def load_checkpoint_model(checkpoint_url: str, storage_options: dict | None = None) -> tuple[ContrastiveModel, object]:
-    """(model with the checkpoint's fp32 weights, its config) from a checkpoint folder URL."""
+def check_checkpoint(checkpoint_url: str, storage_options: dict | None = None, say=None):
+    """The `checkpoint.inspect` record of the checkpoint folder at `checkpoint_url`: complete,
+    every file's digest matching; EvaluationError otherwise (or for no checkpoint at all).
+    What a user should know of it (checked by size only) goes to `say` (default: stderr)."""
+    from ssl_dist import checkpoint
+
+    options = storage_options if storage_options is not None else storage.storage_options(checkpoint_url)
+    try:
+        info = checkpoint.inspect(checkpoint_url, options)
+    except checkpoint.IncompleteCheckpoint as err:
+        raise EvaluationError(f"cannot evaluate an incomplete checkpoint: {err}; pass a complete "
+                              f"checkpoint-NNNNNNNN folder (an earlier one of the run)") from None
+    for note in info.notes:
+        (say or (lambda line: print(f"ssl-dist: {line}", file=sys.stderr)))(note)
+    return info
+
+
+def load_checkpoint_model(checkpoint, storage_options: dict | None = None) -> tuple[ContrastiveModel, object]:
+    """(model with the checkpoint's fp32 weights, its config) from a checkpoint folder URL
+    (checked first: `check_checkpoint`) or the `inspect` record of one already checked."""
     from ssl_dist.checkpoint import CheckpointError, weights
 
+    info = checkpoint if not isinstance(checkpoint, str) else check_checkpoint(checkpoint, storage_options)
     try:
-        state, cfg = weights.fp32_state_dict(checkpoint_url, storage_options)
-    except CheckpointError as err:  # not a checkpoint, or a model file that is more than tensors
+        state, cfg = weights.fp32_state_dict(info, storage_options)
+    except CheckpointError as err:  # a file that is more than weights, or that changed since it was checked
         raise EvaluationError(str(err)) from None
     model = build_module(cfg)
     model.load_state_dict(state)
     return model, cfg
 
 
+def check_same_classes(train_url: str, test_url: str, storage_options: dict | None = None) -> None:
+    """EvaluationError when the manifests of the train and test sets both list class names
+    ("classes") and the lists differ: label i would then name another class in each set,
+    and the score would be wrong without a sign. Sets without a list are not compared."""
+    from ssl_dist.shards import read_manifest
+
+    found = {}
+    for url in (train_url, test_url):
+        options = storage_options if storage_options is not None else storage.storage_options(url)
+        found[url] = read_manifest(url, options).get("classes")
+    train, test = found[train_url], found[test_url]
+    if train is not None and test is not None and list(train) != list(test):
+        only = sorted(set(train) ^ set(test))
+        if only:
+            detail = "in one only: " + ", ".join(map(repr, only[:10])) + (" ..." if len(only) > 10 else "")
+        else:
+            label = next(i for i, (a, b) in enumerate(zip(train, test)) if a != b)
+            detail = (f"the same names in another order: label {label} is {train[label]!r} in one, "
+                      f"{test[label]!r} in the other")
+        raise EvaluationError(f"the train set {train_url} ({len(train)} classes) and the test set {test_url} "
+                              f"({len(test)} classes) list other classes ({detail}): score a test set made with "
+                              f"the train set's classes")
+
+
 def evaluate_checkpoint(checkpoint_url: str, train_url: str, test_url: str, *, k: int = 200,
                         linear_probe: bool = True, probe_c: float = 1.0, probe_max_iter: int = 1000) -> dict:
     """kNN top-1 (and linear-probe top-1) of a checkpoint's encoder and of the same encoder at
-    random initialisation: {"knn_top1", "knn_top1_random_init"[, "linear_top1", "linear_top1_random_init"]}."""
+    random initialisation: {"knn_top1", "knn_top1_random_init"[, "linear_top1", "linear_top1_random_init"]}.
+    The sets' class lists are compared and the checkpoint checked (`check_checkpoint`) first."""
+    check_same_classes(train_url, test_url)
     model, cfg = load_checkpoint_model(checkpoint_url)
     torch.manual_seed(cfg.train.seed)
     scores = {}
@@ -198,7 +250,8 @@ def evaluate_text_checkpoint(checkpoint_url: str, *, zero_shot_url: str = "", te
                              retrieval_url: str = "", max_samples: int = 10000) -> dict:
     """`text_scores` of a checkpoint's image-text model and of the same model at random
     initialisation (keys with "_random_init"). `templates`: None for CLIP's CIFAR-10 prompts.
-    Raises EvaluationError for a model without a text tower. Called by `ssl-dist evaluate`."""
+    Raises EvaluationError for a model without a text tower, or a checkpoint that is
+    incomplete or altered (`check_checkpoint`). Called by `ssl-dist evaluate`."""
     from ssl_dist import model as towers
 
     module, cfg = load_checkpoint_model(checkpoint_url)

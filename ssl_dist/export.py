@@ -14,7 +14,9 @@ channel counts). Loading needs neither DeepSpeed nor Ray (see the README):
 
 The fp32 weights come from `checkpoint.weights` (through `evaluate.load_checkpoint_model`,
 which builds the model), consolidated from the ZeRO shards with DeepSpeed's own
-`zero_to_fp32` where needed, whatever the number of workers that wrote them.
+`zero_to_fp32` where needed, whatever the number of workers that wrote them. The
+checkpoint is checked first (complete, every file's digest matching), and nothing of it is
+unpickled.
 
 An image-text checkpoint (method.name=clip or siglip) is exported by `export_clip`: both
 towers as open_clip itself loads them, plus the image tower as encoder.safetensors + .json.
@@ -23,6 +25,7 @@ towers as open_clip itself loads them, plus the image tower as encoder.safetenso
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,8 +44,10 @@ class ExportError(RuntimeError):
     """A user-facing export problem (no checkpoint there, incomplete checkpoint)."""
 
 
-def resolve_checkpoint(url: str, options: dict | None = None):
-    """The complete checkpoint at `url`, or the newest complete one if `url` is a run folder."""
+def resolve_checkpoint(url: str, options: dict | None = None, say=None):
+    """The complete checkpoint at `url` (every file's digest matching: `checkpoint.inspect`),
+    or the newest complete one if `url` is a run folder. What a user should know of it
+    (checked by size only) goes to `say` (default: stderr)."""
     from ssl_dist import checkpoint
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
@@ -51,11 +56,15 @@ def resolve_checkpoint(url: str, options: dict | None = None):
         if info is None:
             raise ExportError(f"{url} is neither a checkpoint folder nor a run folder holding a complete one: "
                               f"pass …/checkpoint-NNNNNNNN")
-        return info
-    try:
-        return checkpoint.inspect(url, options)
-    except checkpoint.IncompleteCheckpoint as err:
-        raise ExportError(f"cannot export an incomplete checkpoint: {err}; export an earlier one of the run") from None
+    else:
+        try:
+            info = checkpoint.inspect(url, options)
+        except checkpoint.IncompleteCheckpoint as err:
+            raise ExportError(f"cannot export an incomplete checkpoint: {err}; export an earlier one of the "
+                              f"run") from None
+    for note in info.notes:
+        (say or (lambda line: print(f"ssl-dist: {line}", file=sys.stderr)))(note)
+    return info
 
 
 def encoder_state(model) -> dict[str, torch.Tensor]:
@@ -81,7 +90,7 @@ def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | No
 
     options = storage_options if storage_options is not None else storage.storage_options(checkpoint_url)
     info = resolve_checkpoint(checkpoint_url, options)
-    model, cfg = load_checkpoint_model(info.url, options)
+    model, cfg = load_checkpoint_model(info, options)  # (checked once, by resolve_checkpoint)
     if callable(getattr(model, "encode_text", None)):  # an image-text model (CLIP, SigLIP): both towers
         from ssl_dist import export_clip
 

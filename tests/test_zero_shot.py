@@ -192,6 +192,7 @@ def fake_checkpoint(folder: Path, module_state, *overrides: str) -> str:
     (folder / "deepspeed").mkdir(parents=True)
     (folder / "meta.json").write_text(json.dumps({"step": 1, "samples_seen": 1, "world_size": 1,
                                                   "config": config.to_dict(cfg)}))
+    (folder / "stream-rank00000.json").write_text("{}")  # (a checkpoint from before part lists: complete)
     torch.save({"module": module_state, "ds_version": "0.19"}, folder / "deepspeed" / "mp_rank_00_model_states.pt")
     return str(folder)
 

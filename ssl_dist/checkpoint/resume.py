@@ -16,16 +16,17 @@ from dataclasses import dataclass, field
 
 from ssl_dist import collective, storage
 from ssl_dist import config as config_lib
-from ssl_dist.checkpoint.layout import (CheckpointError, CheckpointInfo, IncompleteCheckpoint, delete_folders,
-                                        inspect, list_checkpoints, name_key)
+from ssl_dist.checkpoint.layout import (CheckpointError, CheckpointInfo, IncompleteCheckpoint, inspect,
+                                        list_checkpoints, name_key, set_aside)
 from ssl_dist.checkpoint.save import remove_orphaned_local_folders
 
 
 @dataclass
 class Resume:
     """What `find_resume` decided: the checkpoint (None: start from step 0), what it said
-    about the ones it skipped, the folders to delete (newer than any registered checkpoint,
-    so no one refers to them), and every folder name in use after that."""
+    about the ones it skipped, the folders it will not use that must leave the run folder
+    (newer than any registered checkpoint, so no one refers to them: `agree_on_resume` moves
+    them into set-aside/, never deletes them), and every folder name in use after that."""
 
     info: CheckpointInfo | None
     notes: list[str] = field(default_factory=list)
@@ -42,7 +43,8 @@ def find_resume(run_url: str, options: dict | None = None, handed: str | None = 
     checkpoint before it. Without one (a first start, or a run folder whose Ray Train
     snapshot is gone) the newest complete checkpoint in the run folder is used. Folders
     newer than both the handed and the chosen checkpoint are uploads that never counted
-    (a worker died before Ray Train registered them): they are returned as `stale`.
+    (a worker died before Ray Train registered them), or complete ones of a lineage this
+    resume does not continue: they are returned as `stale`.
     """
     names = list_checkpoints(run_url, options)
     if handed is not None and handed not in names:
@@ -55,6 +57,7 @@ def find_resume(run_url: str, options: dict | None = None, handed: str | None = 
             continue
         try:
             chosen = inspect(storage.join(run_url, name), options)
+            notes.extend(chosen.notes)  # e.g. written before digests: checked by size only
             break
         except IncompleteCheckpoint as err:
             notes.append(f"checkpoint {name} is incomplete ({err}): falling back to an earlier one")
@@ -64,15 +67,17 @@ def find_resume(run_url: str, options: dict | None = None, handed: str | None = 
                   default=None)
     stale = [n for n in names if horizon is None or name_key(n) > horizon]
     if handed is None and chosen is None:
-        stale = names  # nothing registered and nothing usable: all of them are dead uploads
+        stale = names  # nothing registered and nothing complete: all of them are cut-short uploads
     return Resume(info=chosen, notes=notes, stale=stale, taken=set(names) - set(stale))
 
 
 def agree_on_resume(run_url: str, options: dict | None, handed, cfg: config_lib.Config, *, rank: int,
                     local_rank: int, group=None) -> Resume:
-    """`find_resume` on rank 0, checked against this run's config, stale uploads deleted; the
-    same decision on every rank (or the same error: no rank is left waiting). Every rank
-    calls it. `handed` is `ray.train.get_checkpoint()`."""
+    """`find_resume` on rank 0, checked against this run's config, the folders it will not use
+    moved into `<run>/set-aside/` (a complete checkpoint is never deleted: a bit flip found
+    later, or a resume that chose wrongly, can still be undone by hand); the same decision on
+    every rank (or the same error: no rank is left waiting). Every rank calls it. `handed`
+    is `ray.train.get_checkpoint()`."""
     payload: object = None
     if rank == 0:
         try:
@@ -81,9 +86,10 @@ def agree_on_resume(run_url: str, options: dict | None, handed, cfg: config_lib.
             if payload.info is not None:
                 check_compatible(payload.info, cfg)
             if payload.stale:
-                delete_folders(run_url, payload.stale, options)
-                payload.notes.append(f"deleted {len(payload.stale)} checkpoint folder(s) that never counted "
-                                     f"(uploads cut short by a failure): {', '.join(payload.stale)}")
+                moved = set_aside(run_url, payload.stale, options)
+                payload.notes.append(f"moved {len(moved)} checkpoint folder(s) this resume does not use (newer "
+                                     f"than the one it continues from, or incomplete) aside, nothing deleted: "
+                                     + ", ".join(f"{name} -> {url}" for name, url in zip(payload.stale, moved)))
             payload.attempt_id = int(time.time() * 1000)
         except Exception as err:  # noqa: BLE001 (re-raised on every rank below)
             payload = err

@@ -2,13 +2,14 @@
 
 Every rank writes its part into a local folder (`save`): DeepSpeed's files for its ZeRO
 shard, its stream state and RNG state; rank 0 adds meta.json; each rank's part list (every
-file it wrote, with its size) comes last, so that storage can be checked for all of it.
+file it wrote, with its size and sha256) comes last, so that storage can be checked for all of it.
 `save_and_report` hands that folder to Ray Train, which uploads every rank's part into
 `storage_path/<run>/<name>` and merges them there. `Checkpointer` decides when.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -39,12 +40,14 @@ class Checkpointer:
     configured one, the per-worker batch of this world size is `batch.per_worker`).
     `taken`: the checkpoint folder names already in storage (`Resume.taken`); every name this
     checkpointer picks is added to it. `clock`: seconds, for train.checkpoint_minutes.
+    `attempt`: the driver's attempt id (its lease of the run folder), recorded in meta.json.
     """
 
     def __init__(self, cfg: config_lib.Config, *, rank: int, world_size: int, group, taken: set[str],
-                 batch: BatchPlan, clock: Callable[[], float] = time.monotonic):
+                 batch: BatchPlan, clock: Callable[[], float] = time.monotonic, attempt: str = ""):
         self.cfg, self.rank, self.world_size, self.group = cfg, rank, world_size, group
         self.taken, self.batch, self.clock = taken, batch, clock
+        self.attempt = attempt
         self.last_save = clock()  # the timed schedule counts from this (re)start
 
     def due(self, step: int, *, force: bool = False, late: bool = False) -> bool:
@@ -88,14 +91,14 @@ class Checkpointer:
         timing = save_and_report({"step": state.step, "samples_seen": state.samples_seen}, engine=engine,
                                  loader=loader, state=state, rank=self.rank, world_size=self.world_size,
                                  config=self.cfg, batch=self.batch, name=name,
-                                 async_upload=self.cfg.train.async_upload)
+                                 async_upload=self.cfg.train.async_upload, attempt=self.attempt)
         self.last_save = self.clock()
         return {"name": name, **timing}
 
 
 def save_and_report(metrics: dict, *, engine, loader, state: TrainState, rank: int, world_size: int,
                     config: config_lib.Config, batch: BatchPlan, name: str | None = None,
-                    async_upload: bool = True) -> dict:
+                    async_upload: bool = True, attempt: str = "") -> dict:
     """Save this rank's part into a local folder and hand it to Ray Train, which uploads it
     into `storage_path/<run>/<name>` (rank 0's `name` is used by every rank) and merges every
     rank's part there. Every rank calls it. With `async_upload` the upload runs in Ray
@@ -107,7 +110,7 @@ def save_and_report(metrics: dict, *, engine, loader, state: TrainState, rank: i
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix=f"{LOCAL_PREFIX}{os.getpid()}-")
     save(tmp, engine=engine, loader=loader, state=state, rank=rank, world_size=world_size, config=config,
-         batch=batch)
+         batch=batch, attempt=attempt)
     written = time.monotonic()
     mode = ray.train.CheckpointUploadMode.ASYNC if async_upload else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -117,7 +120,7 @@ def save_and_report(metrics: dict, *, engine, loader, state: TrainState, rank: i
 
 
 def save(directory: str | Path, *, engine, loader, state: TrainState, rank: int, world_size: int,
-         config: config_lib.Config, batch: BatchPlan) -> None:
+         config: config_lib.Config, batch: BatchPlan, attempt: str = "") -> None:
     """Write this rank's part of a checkpoint into the local `directory`. Every rank calls it
     (DeepSpeed's save is collective). meta.json records the loader's global batch on this
     world size and the run's target (`batch.global_batch`), which a restart keeps."""
@@ -128,13 +131,23 @@ def save(directory: str | Path, *, engine, loader, state: TrainState, rank: int,
     if rank == 0:
         meta = {"format": FORMAT, "step": state.step, "samples_seen": state.samples_seen, "world_size": world_size,
                 "global_batch": loader.layout.global_batch, "target_global_batch": batch.global_batch,
-                "zero_stage": config.train.zero_stage, "time": time.time(), "config": config_lib.to_dict(config)}
+                "zero_stage": config.train.zero_stage, "time": time.time(), "attempt": attempt,
+                "config": config_lib.to_dict(config)}
         (directory / META).write_text(json.dumps(meta, indent=1))
-    # Last: the list of what this rank wrote, so that storage can be checked for all of it.
-    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*"))
-             if p.is_file()}
+    # Last: the list of what this rank wrote, with each file's size and sha256, so that storage
+    # can be checked for all of it. DeepSpeed writes its files itself: they are hashed here,
+    # read back from the local disk they were just written to (its page cache), before upload.
+    written = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+    files = {p.relative_to(directory).as_posix(): p.stat().st_size for p in written}
+    digests = {p.relative_to(directory).as_posix(): _sha256(p) for p in written}
     (directory / PARTS).mkdir(exist_ok=True)
-    (directory / part_file(rank)).write_text(json.dumps({"rank": rank, "step": state.step, "files": files}))
+    (directory / part_file(rank)).write_text(json.dumps({"rank": rank, "step": state.step, "files": files,
+                                                         "sha256": digests}))
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def remove_orphaned_local_folders() -> None:

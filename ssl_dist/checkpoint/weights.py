@@ -1,14 +1,16 @@
 """The fp32 weights of a checkpoint's engine module, for evaluation and export.
 
-Any process, no Ray and no engine: the checkpoint folder is downloaded to a temp dir and
-the weights are read from rank 0's model file, or consolidated from the ZeRO shards with
-DeepSpeed's own `zero_to_fp32`, whatever the number of workers that wrote them.
+Any process, no Ray and no engine: the checkpoint is checked first (complete, every file's
+digest matching: `inspect`), then the files it needs are downloaded to a temp dir (each
+checked again against its digest) and the weights are read from rank 0's model file, or
+consolidated from the ZeRO shards with DeepSpeed's own `zero_to_fp32`, whatever the number
+of workers that wrote them. Both read with weights only (`safe_load`): nothing is unpickled,
+whatever meta.json says about the checkpoint.
 """
 
 from __future__ import annotations
 
-import json
-import pickle
+import re
 import tempfile
 from pathlib import Path
 
@@ -16,41 +18,45 @@ import torch
 
 from ssl_dist import config as config_lib
 from ssl_dist import storage
-from ssl_dist.checkpoint.layout import META, TAG, CheckpointError
+from ssl_dist.checkpoint import safe_load
+from ssl_dist.checkpoint.layout import META, TAG, CheckpointError, CheckpointInfo, inspect
+from ssl_dist.checkpoint.restore import download
+
+MODEL = f"{TAG}/mp_rank_00_model_states.pt"  # rank 0's model file (ZeRO 0-2: the whole module)
+ZERO3_MODEL = f"{TAG}/zero_pp_rank_0_mp_rank_00_model_states.pt"
+OPTIMIZER_SHARD = re.compile(rf"^{TAG}/(?:bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 
 
-def fp32_state_dict(checkpoint_url: str, options: dict | None = None) -> tuple[dict[str, torch.Tensor],
-                                                                                config_lib.Config]:
-    """(fp32 state dict of the engine's module, the checkpoint's config) of the checkpoint
-    folder at `checkpoint_url`. `options`: fsspec options, None for those of the environment.
-    CheckpointError when the folder is no checkpoint or its model file holds other objects
-    than tensors."""
-    options = options if options is not None else storage.storage_options(checkpoint_url)
-    fs, path = storage.filesystem(checkpoint_url, options)
-    with storage.translate_errors(checkpoint_url):
-        if not fs.exists(f"{path}/{META}"):
-            raise CheckpointError(f"{checkpoint_url} is not a checkpoint (no {META}): pass a checkpoint-NNNNNNNN "
-                                  f"folder of a run")
-        with tempfile.TemporaryDirectory(prefix="ssl-dist-eval-") as tmp:
-            fs.get(f"{path}/", tmp + "/", recursive=True)
-            meta = json.loads((Path(tmp) / META).read_text())
-            cfg = config_lib.from_dict(meta["config"])
-            if cfg.train.zero_stage == 0 or (cfg.train.zero_stage < 3 and cfg.train.precision == "fp32"):
-                return _whole_module(checkpoint_url, Path(tmp)), cfg
-            # ZeRO-3 partitions, or bf16 runs whose fp32 masters are in the optimizer shards:
-            # DeepSpeed's own consolidation, which must unpickle its optimizer files (they hold
-            # DeepSpeed objects, e.g. its LossScaler); only load checkpoints you wrote.
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def fp32_state_dict(checkpoint: str | CheckpointInfo, options: dict | None = None) -> tuple[dict[str, torch.Tensor],
+                                                                                             config_lib.Config]:
+    """(fp32 state dict of the engine's module, the checkpoint's config) of a checkpoint:
+    the URL of its folder, checked here (`inspect`), or the CheckpointInfo of one already
+    checked. `options`: fsspec options, None for those of the environment. CheckpointError
+    when the folder is no checkpoint, is incomplete (IncompleteCheckpoint), or a file holds
+    other objects than tensors and DeepSpeed's few records."""
+    url = checkpoint.url if isinstance(checkpoint, CheckpointInfo) else checkpoint
+    options = options if options is not None else storage.storage_options(url)
+    fs, path = storage.filesystem(url, options)
+    if isinstance(checkpoint, CheckpointInfo):
+        info = checkpoint
+    else:
+        with storage.translate_errors(url):
+            if not fs.exists(f"{path}/{META}"):
+                raise CheckpointError(f"{url} is not a checkpoint (no {META}): pass a checkpoint-NNNNNNNN "
+                                      f"folder of a run")
+        info = inspect(url, options)
+    cfg = config_lib.from_dict(info.meta["config"])
+    listed = sorted({rel for part in info.parts for rel in part if rel.startswith(TAG + "/")})
+    # ZeRO-3 partitions the module itself; bf16 runs keep their fp32 masters in the optimizer
+    # shards: both need DeepSpeed's consolidation. Which files there are says which stage
+    # wrote them; meta.json only says the precision (either way nothing is unpickled).
+    consolidate = ZERO3_MODEL in listed or (cfg.train.precision != "fp32" and any(map(OPTIMIZER_SHARD.match, listed)))
+    if not consolidate and MODEL not in listed:
+        raise CheckpointError(f"{url} has no {MODEL} (rank 0's model file): pass a checkpoint-NNNNNNNN folder of a run")
+    with tempfile.TemporaryDirectory(prefix="ssl-dist-eval-") as tmp, safe_load.weights_only(url):
+        download(fs, path, listed if consolidate else [MODEL], tmp, digests=info.sha256)
+        if not consolidate:
+            return torch.load(Path(tmp) / MODEL, map_location="cpu", weights_only=True)["module"], cfg
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=TAG), cfg
-
-
-def _whole_module(checkpoint_url: str, folder: Path) -> dict[str, torch.Tensor]:
-    """The module's weights are whole (and, but for stage 0 in bf16, the fp32 masters
-    themselves) in rank 0's model file: tensors only, so loaded without unpickling objects."""
-    try:
-        return torch.load(folder / TAG / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=True)["module"]
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{checkpoint_url}: its model file holds objects other than tensors "
-                              f"({str(err).splitlines()[-1][:200]}); refusing to unpickle it") from None
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=TAG), cfg

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from checkpoint_fakes import fake_checkpoint
+from checkpoint_fakes import fake_checkpoint, rewrite
 
 from ssl_dist import checkpoint
 
@@ -87,13 +87,39 @@ def test_batch_plan_of_a_checkpoint_older_than_its_target_record(tmp_path):
 
     saved = config.to_dict(config.load(None, ["data.batch_size=8", "run.num_workers=3"]))
     folder = fake_checkpoint(tmp_path, 4, config=saved)
-    meta_path = tmp_path / "checkpoint-00000004" / checkpoint.META
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads((tmp_path / "checkpoint-00000004" / checkpoint.META).read_text())
     del meta["target_global_batch"]
-    meta_path.write_text(json.dumps(meta))
-    part = tmp_path / "checkpoint-00000004" / checkpoint.part_file(0)
-    files = json.loads(part.read_text())
-    files["files"][checkpoint.META] = meta_path.stat().st_size
-    part.write_text(json.dumps(files))
+    rewrite(tmp_path / "checkpoint-00000004", checkpoint.META, json.dumps(meta).encode())  # its size and digest too
     plan = checkpoint.decide_batch(config.load(None, []), 2, checkpoint.inspect(folder))
     assert plan == checkpoint.BatchPlan(global_batch=24, per_worker=12, note=None)  # 8 x 3, as it ran
+
+
+def test_resume_moves_aside_what_it_does_not_use_and_deletes_no_checkpoint(tmp_path, group_of_one):
+    # On the code before, both folders below were deleted: checkpoint-8, complete but newer than
+    # Ray Train's registered checkpoint-4, and (second run folder) every folder when Ray's
+    # snapshot was gone and none was complete.
+    import ray.train
+
+    from ssl_dist import config
+
+    cfg = config.load(None, ["train.zero_stage=1"])
+    run = tmp_path / "run"
+    for step in (4, 8, 12):
+        fake_checkpoint(run, step, config=config.to_dict(cfg))
+    (run / "checkpoint-00000012" / checkpoint.META).unlink()  # rank 0 never uploaded
+    handed = ray.train.Checkpoint(path=str(run / "checkpoint-00000004"))
+    resume = checkpoint.agree_on_resume(str(run), {}, handed, cfg, rank=0, local_rank=0, group=group_of_one)
+    assert resume.info.step == 4 and checkpoint.list_checkpoints(str(run)) == ["checkpoint-00000004"]
+    aside = sorted(p.name for p in (run / checkpoint.SET_ASIDE).iterdir())
+    assert [name.rsplit("-", 1)[0] for name in aside] == ["checkpoint-00000008", "checkpoint-00000012"]
+    assert checkpoint.inspect(str(run / checkpoint.SET_ASIDE / aside[0])).step == 8  # complete, usable by hand
+    note = [n for n in resume.notes if "aside" in n]
+    assert len(note) == 1 and "nothing deleted" in note[0] and f"checkpoint-00000008 -> {run}/set-aside/" in note[0]
+
+    lost = tmp_path / "lost-snapshot"
+    for step in (4, 8):
+        fake_checkpoint(lost, step, config=config.to_dict(cfg))
+        (lost / checkpoint.checkpoint_name(step) / "deepspeed" / "mp_rank_00_model_states.pt").write_bytes(b"m")
+    resume = checkpoint.agree_on_resume(str(lost), {}, None, cfg, rank=0, local_rank=0, group=group_of_one)
+    assert resume.info is None and checkpoint.list_checkpoints(str(lost)) == []
+    assert len(list((lost / checkpoint.SET_ASIDE).iterdir())) == 2

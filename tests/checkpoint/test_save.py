@@ -89,7 +89,7 @@ def save_with_a_real_engine(rank: int, port: int, folder: str, out: dict) -> Non
     engine = build_engine(torch.nn.Linear(4, 2), cfg, 1, micro_batch=10)
     plan = checkpoint.BatchPlan(global_batch=32, per_worker=10, note="rounded down")
     checkpoint.save(folder, engine=engine, loader=FakeLoader(), state=checkpoint.TrainState(8, 256), rank=0,
-                    world_size=3, config=cfg, batch=plan)
+                    world_size=3, config=cfg, batch=plan, attempt="5f2c9e0d41a7b3c8")
     out["config"] = config.to_dict(cfg)
     dist.barrier()
     dist.destroy_process_group()
@@ -103,7 +103,8 @@ def test_save_records_the_plans_target_and_the_typed_config(tmp_path):
     cfg = config.from_dict(spawn_ranks(save_with_a_real_engine, str(folder), world=1)["config"])
     meta = json.loads((folder / checkpoint.META).read_text())
     assert list(meta) == ["format", "step", "samples_seen", "world_size", "global_batch", "target_global_batch",
-                          "zero_stage", "time", "config"]
+                          "zero_stage", "time", "attempt", "config"]
+    assert meta["attempt"] == "5f2c9e0d41a7b3c8"  # the driver's attempt id (its lease of the run folder)
     assert (meta["step"], meta["samples_seen"], meta["world_size"]) == (8, 256, 3)
     assert (meta["global_batch"], meta["target_global_batch"], meta["zero_stage"]) == (30, 32, 2)
     assert config.from_dict(meta["config"]) == cfg and cfg.data.batch_size == 16  # as given, not the per-worker 10
