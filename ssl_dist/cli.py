@@ -53,7 +53,7 @@ def user_error_message(err: BaseException) -> str | None:
         seen.add(id(e))
         if isinstance(e, known):
             return str(e)
-        for attr in ("worker_failures", "__cause__", "__context__", "cause"):
+        for attr in ("worker_failures", "controller_failure", "__cause__", "__context__", "cause"):
             value = getattr(e, attr, None)
             if isinstance(value, dict):
                 stack.extend(value.values())
@@ -67,13 +67,16 @@ def user_error_message(err: BaseException) -> str | None:
 
 def cmd_shards_make(args) -> None:
     from ssl_dist import shards
+    from ssl_dist.shards.source import dropped_summary
 
     manifest = shards.make_shards(args.src, args.dest, samples_per_shard=args.samples_per_shard,
                                   shard_bytes=args.shard_bytes, workers=args.workers, progress=True,
                                   overwrite=args.overwrite, captions=args.captions, image_column=args.image_column,
-                                  caption_column=args.caption_column)
+                                  caption_column=args.caption_column, max_image_bytes=args.max_image_bytes)
     total = sum(s["num_samples"] for s in manifest["shards"])
     print(f"wrote {len(manifest['shards'])} shards, {total} samples, to {args.dest} (index.json)")
+    for line in dropped_summary(manifest["dropped"]):  # what was left out, and why: never silently
+        print(line)
 
 
 def cmd_shards_index(args) -> None:
@@ -102,7 +105,8 @@ def cmd_pretrain(args) -> None:
     run_url, options = launch.run_url(cfg), storage.options_from_config(cfg.run.storage_path, cfg.storage)
     try:
         with metrics.watch_run(run_url, options, max_steps=cfg.train.max_steps):
-            result = launch.pretrain(cfg, address=args.address, resume=args.resume)
+            result = launch.pretrain(cfg, address=args.address, resume=args.resume,
+                                     delete_previous=args.delete_previous)
     except BaseException:
         _write_curves(run_url, options, plots, failed=True)  # a failed run's curves, if it got that far
         raise
@@ -225,7 +229,8 @@ def positive_int(text: str) -> int:
 def cmd_quickstart(args) -> None:
     from ssl_dist import quickstart
 
-    quickstart.run(args.out, args.overrides, method=args.method, per_class=args.per_class)
+    quickstart.run(args.out, args.overrides, method=args.method, per_class=args.per_class,
+                   delete_previous=args.delete_previous)
 
 
 def cmd_config(args) -> None:
@@ -256,6 +261,9 @@ def add_run_commands(sub) -> None:
                         "shapes, zero-shot top-1 and retrieval recall (default: %(default)s)")
     p.add_argument("--per-class", type=positive_int, default=1000, metavar="N",
                    help="training images of each shape; the test split gets a fifth as many (default: %(default)s)")
+    p.add_argument("--delete-previous", action="store_true",
+                   help="delete what an earlier quickstart wrote in its run folder, instead of moving it to "
+                        "<run>.previous-<UTC time>")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.max_steps=50")
     p.set_defaults(handler=cmd_quickstart)
 
@@ -264,8 +272,11 @@ def add_run_commands(sub) -> None:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="--resume: continue from the run folder's newest complete checkpoint, an error if there is "
-                        "none; --no-resume: start over, deleting the previous run's checkpoints and metrics in the "
-                        "run folder; neither: resume if there is a checkpoint, else start")
+                        "none; --no-resume: start over, moving what the previous run wrote in the run folder to "
+                        "<run>.previous-<UTC time>; neither: resume if there is a checkpoint, else start")
+    p.add_argument("--delete-previous", action="store_true",
+                   help="with --no-resume: delete what the previous run wrote (checkpoints, metrics, records, "
+                        "config.yaml, Ray Train's files) instead of moving it aside; nothing else is touched")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after --config")
     p.set_defaults(handler=cmd_pretrain)
 
@@ -358,6 +369,8 @@ def add_shard_commands(sub) -> None:
                    help="CSV, TSV, JSONL or Parquet (by extension) of image paths relative to SRC and their captions")
     p.add_argument("--image-column", default="image", help="column of --captions holding the image path")
     p.add_argument("--caption-column", default="caption", help="column of --captions holding the caption")
+    p.add_argument("--max-image-bytes", type=int, default=2**30,
+                   help="image files larger than this are left out (and reported): no training image is that large")
     p.set_defaults(handler=cmd_shards_make)
     p = shards.add_parser("index", help="write sidecar offsets and index.json for shards made elsewhere")
     p.add_argument("url")

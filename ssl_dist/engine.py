@@ -72,15 +72,24 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, micro_batch: int 
 
     The process group must already exist (Ray Train made it); DeepSpeed adopts it.
     Returns the engine; its optimizer, LR scheduler and ZeRO partitions come with it and
-    are saved/restored by `ssl_dist.checkpoint`.
+    are saved/restored by `ssl_dist.checkpoint`. Every collective of the engine's groups
+    fails after run.collective_timeout_s.
     """
+    from datetime import timedelta
+
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if cfg.run.use_gpu else "gloo")
+    from ssl_dist.collective import bound_every_group
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.run.use_gpu else "gloo",
+                               timeout=timedelta(seconds=cfg.run.collective_timeout_s))
     optimizer = build_optimizer(model, cfg.optim)
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 (DeepSpeed calls it with its optimizer)
         opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
                                     schedule=cfg.optim.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, world_size, micro_batch))
+    # DeepSpeed reduces gradients on a copy of the world group that it makes with torch's
+    # default timeout (30 minutes under gloo), not the one the default group was given.
+    bound_every_group(cfg.run.collective_timeout_s)
     return engine

@@ -5,6 +5,7 @@ Runs on the machine that submits (a laptop, or the Ray job's driver on a cluster
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -28,16 +29,24 @@ class RunResult:
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
     """Connect to the cluster at `address` / RAY_ADDRESS, or start a local one.
 
-    Ray >= 2.59 turns on token authentication for local clusters; a laptop run has no use
-    for it, so it is disabled unless the user set RAY_AUTH_MODE (a shared cluster sets its
-    own).
+    A local cluster listens on the machine's address, so it starts with Ray's token
+    authentication, its token kept in the user's Ray folder and readable by them only
+    (`ray_token.local_auth_mode`), unless the user set RAY_AUTH_MODE themselves. A cluster
+    at an address has its own mode: RAY_AUTH_MODE and the token come from the caller.
     """
     import ray
 
+    from ssl_dist import ray_token
+
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address and ray_token.local_auth_mode(os.environ) == "token":
+        # Ray read RAY_AUTH_MODE when it was imported: refresh its config so that this driver
+        # is in token mode too, as ray.init does when it turns token mode on by itself.
+        from ray._raylet import Config
+
+        Config.initialize("")
     # Workers inherit the driver's environment on a local cluster: that is how they find
     # the S3 endpoint and credentials without either being written into the config.
     if address:
@@ -134,26 +143,50 @@ def write_resolved_config(cfg, storage_options: dict) -> str:
     return url
 
 
-def build_trainer(cfg, *, data_options: dict, storage_options: dict):
+def build_trainer(cfg, *, data_options: dict, storage_options: dict, attempt: str = ""):
     """The Ray Train TorchTrainer of a run (driver side; nothing starts until `fit`)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     filesystem, path = storage.pyarrow_filesystem(cfg.run.storage_path, storage_options)
     loop_config = {"config": cfg, "run_url": run_url(cfg), "data_options": data_options,
-                   "storage_options": storage_options, **user_method(cfg)}
+                   "storage_options": storage_options, "attempt": attempt, **user_method(cfg)}
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo"),
+        # the default group's collectives (the loss's gathers) give up after run.collective_timeout_s
+        torch_config=TorchConfig(backend="nccl" if cfg.run.use_gpu else "gloo",
+                                 timeout_s=math.ceil(cfg.run.collective_timeout_s)),
         scaling_config=ray.train.ScalingConfig(num_workers=worker_range(cfg), use_gpu=cfg.run.use_gpu,
                                                resources_per_worker={"CPU": cfg.run.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=[stop_on_fatal()],
         ),
     )
+
+
+def stop_on_fatal():
+    """A Ray Train callback, run by its controller, that ends the run at once with a worker's
+    error when that error is one a restart cannot fix (`failures.is_fatal`: the config, the
+    method, data past data.max_skip_fraction, no usable checkpoint), instead of restarting the
+    workers run.max_failures times to fail the same way. Any other error is retried as before.
+
+    Ray Train's FailureConfig retries every worker error alike; what it never retries is an
+    error raised on its controller, which is what a callback's error becomes: the driver's
+    `fit()` raises a ControllerError whose `controller_failure` is the worker's error.
+    """
+    from ray.train import UserCallback
+
+    from ssl_dist import failures
+
+    class StopOnFatal(UserCallback):
+        def after_exception(self, run_context, worker_exceptions):
+            failures.raise_fatal(worker_exceptions)
+
+    return StopOnFatal()
 
 
 def user_method(cfg) -> dict:
@@ -192,21 +225,35 @@ def worker_range(cfg) -> int | tuple[int, int]:
     return cfg.run.num_workers
 
 
-def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print) -> None:
-    """Apply `--resume` / `--no-resume` to the run folder before any worker starts.
+def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print, *,
+                   delete_previous: bool = False) -> None:
+    """Apply `--resume` / `--no-resume` to the run folder before any worker starts. Driver
+    only, with the run folder's lease held (`take_lease`).
 
     None (the default): a run folder holding checkpoints is resumed (Ray Train restores
     its snapshot; the workers check and pick the checkpoint). True: there must be a
-    complete checkpoint, else a clear error. False: start over; what the previous run
-    left in the folder (checkpoints, Ray Train's snapshot, metrics) is deleted first.
+    complete checkpoint, else a clear error. False: start over; what the previous run wrote
+    in the folder (checkpoints, Ray Train's snapshot, metrics, records, config.yaml) is moved
+    to the sibling `<run>.previous-<UTC time>`, or deleted with `delete_previous`; anything
+    else in the folder stays where it is, and is named.
     """
     from ssl_dist import checkpoint
 
     url = run_url(cfg)
     if resume is False:
-        deleted = checkpoint.clear_run(url, storage_options)
-        if deleted:
-            say(f"--no-resume: deleted the {deleted} checkpoint(s) of the previous run in {url}; starting at step 0")
+        if delete_previous:
+            cleared = checkpoint.clear_run(url, storage_options)
+            if cleared.entries:
+                say(f"--no-resume --delete-previous: deleted what the previous run wrote in {url} "
+                    f"({', '.join(cleared.entries)}); starting at step 0")
+        else:
+            cleared = checkpoint.move_run_aside(url, storage_options)
+            if cleared.entries:
+                say(f"--no-resume: moved what the previous run wrote in {url} ({len(cleared.entries)} entries, "
+                    f"{cleared.checkpoints} checkpoint(s)) to {cleared.moved_to}; starting at step 0 "
+                    f"(--delete-previous deletes it instead)")
+        if cleared.left:
+            say(f"--no-resume: left {', '.join(cleared.left)} in {url}: not written by ssl-dist")
         return
     newest = checkpoint.newest_complete(url, storage_options)
     if newest is None and resume:
@@ -225,6 +272,24 @@ def prepare_resume(cfg, resume: bool | None, storage_options: dict, say=print) -
             f"(--no-resume starts it over)")
 
 
+def take_lease(cfg, storage_options: dict, say=print):
+    """The run folder's writer lease (`ssl_dist.lease`), taken before anything in the folder
+    changes; a LaunchError naming the holder and its expiry while another driver's is live.
+    Driver only. Returns the `lease.Lease` (renew it with `.keep()`)."""
+    from ssl_dist import lease
+
+    url = run_url(cfg)
+    try:
+        held = lease.acquire(url, cfg.run.lease_s, storage_options)
+    except lease.LeaseHeld as err:
+        raise LaunchError(str(err)) from None
+    if held.taken_over is not None:
+        old = held.taken_over.get("holder", {})
+        say(f"took over the expired lease of {url} (host {old.get('host', '?')}, pid {old.get('pid', '?')}, "
+            f"attempt {old.get('attempt', '?')} stopped renewing it); this run is attempt {held.attempt}")
+    return held
+
+
 def with_absolute_paths(cfg):
     """`cfg` with its local data and storage paths made absolute (from the driver's working
     directory): Ray's workers run elsewhere, where a relative path names nothing."""
@@ -236,19 +301,27 @@ def with_absolute_paths(cfg):
                         origin="absolute paths")
 
 
-def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, say=print) -> RunResult:
+def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, delete_previous: bool = False,
+             say=print) -> RunResult:
     """Run a pretraining job to its end (or its last allowed failure). Driver only.
 
     `resume`: None resumes from the run folder's checkpoints if there are any, True
-    requires one, False starts over (see `prepare_resume`).
+    requires one, False starts over, moving the previous run aside (deleting it with
+    `delete_previous`; see `prepare_resume`). The run folder's lease is held from before
+    anything in it changes until the run ends: a second driver on it is refused.
     """
+    if delete_previous and resume is not False:
+        raise LaunchError("--delete-previous deletes the previous run of a run started over: use it with "
+                          "--no-resume")
     cfg = with_absolute_paths(cfg)
     data_options, storage_options = preflight(cfg)
-    prepare_resume(cfg, resume, storage_options, say=say)
-    write_resolved_config(cfg, storage_options)
-    connect_ray(address, num_cpus=None)
-    trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options)
-    result = trainer.fit()
+    with take_lease(cfg, storage_options, say=say).keep(say=say) as held:
+        prepare_resume(cfg, resume, storage_options, say=say, delete_previous=delete_previous)
+        write_resolved_config(cfg, storage_options)
+        connect_ray(address, num_cpus=None)
+        trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options,
+                                attempt=held.attempt)
+        result = trainer.fit()
     if result.error is not None:
         raise result.error
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None

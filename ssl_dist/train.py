@@ -41,14 +41,17 @@ def train_loop(loop_config: dict) -> None:
 
     `loop_config`: {"config": the typed Config, "run_url": the run folder, "data_options" /
     "storage_options": credential-free fsspec options, "method_class": a user's Method class
-    shipped by the driver, or absent for a built-in method}.
+    shipped by the driver, or absent for a built-in method, "attempt": the driver's attempt id,
+    which its checkpoints carry}.
     """
     run = start(loop_config)
     cfg, method, engine, loader, state, timer = run.cfg, run.method, run.engine, run.loader, run.state, run.timer
     micro_batches: list[dict] = []  # outside the epoch loop: an accumulation may span two epochs
     stop = state.step >= cfg.train.max_steps
     while not stop:
-        for batch in loader:
+        # every rank takes its next batch together: one rank's error (its data past the skip
+        # limit) is raised on every rank, not left for the others to wait on in the next step
+        for batch in collective.iterate_together(loader, run.control):
             timer.mark("data")  # time spent waiting for the loader
             micro_batches.append(method.on_device(batch, epoch=loader.epoch, device=engine.device))
             timer.mark("augment")
@@ -159,7 +162,7 @@ def start(loop_config: dict) -> Run:
 
     # ---- resume point and batch plan: Ray Train's newest registered checkpoint if complete,
     # else the newest complete one before it; the run's global batch on this many workers
-    control = dist.new_group(backend="gloo")
+    control = collective.control_group(cfg.run.collective_timeout_s)
     resume = checkpoint.agree_on_resume(run_url, options, ray.train.get_checkpoint(), cfg, rank=rank,
                                         local_rank=local_rank, group=control)
     batch = checkpoint.decide_batch(cfg, world, resume.info)
@@ -167,24 +170,29 @@ def start(loop_config: dict) -> Run:
     for note in (resume.notes + [batch.note] if batch.note else resume.notes) if rank == 0 else []:
         say(note)
 
-    # ---- method, engine and loader: same seed on every rank, so replicas start equal
-    method = (loop_config.get("method_class") or methods.resolve(cfg.method.name))(cfg, rank=rank)
+    # ---- method, engine and loader: same seed on every rank, so replicas start equal. What
+    # can fail on one rank alone (a method's module, the shards it reads) fails on all together.
+    method = collective.together(
+        lambda: (loop_config.get("method_class") or methods.resolve(cfg.method.name))(cfg, rank=rank), control)
     torch.manual_seed(cfg.train.seed)
     engine = build_engine(method.build_module(), cfg, world, micro_batch=batch.per_worker)
-    loader = data.make_loader(cfg.data.train_url, rank=rank, world_size=world, batch_size=batch.per_worker,
-                              num_workers=cfg.data.loader_workers, seed=cfg.data.seed,
-                              transform=method.sample_transform(), image_format=method.image_format,
-                              storage_options=loop_config["data_options"], shuffle_window=cfg.data.shuffle_window,
-                              max_skip_fraction=cfg.data.max_skip_fraction, read_retries=cfg.data.read_retries)
+    loader = collective.together(lambda: data.make_loader(
+        cfg.data.train_url, rank=rank, world_size=world, batch_size=batch.per_worker,
+        num_workers=cfg.data.loader_workers, seed=cfg.data.seed, transform=method.sample_transform(),
+        image_format=method.image_format, storage_options=loop_config["data_options"],
+        shuffle_window=cfg.data.shuffle_window, max_skip_fraction=cfg.data.max_skip_fraction,
+        read_retries=cfg.data.read_retries, read_deadline_s=cfg.data.read_deadline_s, max_pixels=cfg.data.max_pixels,
+        verify=cfg.data.verify), control)
     engine_ready = time.time()
 
     # ---- restore: weights, optimizer, LR schedule, RNG and data position; resharded when the
     # checkpoint was written by another number of workers
     state, restore_timings = checkpoint.TrainState(), {}
     if resume.info is not None:
-        state, restore_timings = checkpoint.restore(resume.info, engine=engine, loader=loader, rank=rank,
-                                                    world_size=world, local_rank=local_rank, options=options,
-                                                    group=control)
+        # a rank whose part of the checkpoint does not load stops every rank with its error
+        state, restore_timings = collective.together(
+            lambda: checkpoint.restore(resume.info, engine=engine, loader=loader, rank=rank, world_size=world,
+                                       local_rank=local_rank, options=options, group=control), control)
         if rank == 0:
             resharded = (f", resharded from {resume.info.world_size} to {world} workers"
                          if resume.info.world_size != world else "")
@@ -200,7 +208,7 @@ def start(loop_config: dict) -> Run:
     log = MetricsLog(run_url, start_step=state.step, max_steps=cfg.train.max_steps,
                      global_batch=loader.layout.global_batch, storage_options=options) if rank == 0 else None
     checkpointer = checkpoint.Checkpointer(cfg, rank=rank, world_size=world, group=control, taken=set(resume.taken),
-                                           batch=batch)
+                                           batch=batch, attempt=loop_config.get("attempt", ""))
     return Run(cfg=cfg, rank=rank, world=world, control=control, method=method, engine=engine, loader=loader,
                state=state, checkpointer=checkpointer, report=Report(log, world, control), attempt=attempt,
                keys=keys, timer=PhaseTimer(sync=cfg.train.profile),

@@ -106,3 +106,101 @@ def test_a_run_name_that_is_not_one_folder_is_refused_and_nothing_is_deleted(cif
     err = capsys.readouterr().err
     assert f"run.name={name!r}" in err and "one folder under run.storage_path" in err, err
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+# ---- one writer per run folder; --no-resume moves aside, deletes only what ssl-dist wrote ---
+
+
+@pytest.fixture(params=["local", "s3"])
+def runs_url(request, tmp_path):
+    """run.storage_path: a local folder, or a prefix in a fresh moto bucket."""
+    return str(tmp_path / "runs") if request.param == "local" else f"s3://{request.getfixturevalue('bucket')}/runs"
+
+
+PREVIOUS = {"checkpoint-00000004/meta.json": b"{}", "checkpoint-00000004/deepspeed/model.pt": b"m" * 20,
+            "checkpoint_manager_snapshot.json": b"{}", "metrics/attempt-00000000-1.csv": b"step\n",
+            "config.yaml": b"run: {}\n", "notes.txt": b"the user's own"}
+
+
+def write_tree(url: str, files: dict) -> None:
+    from ssl_dist import storage
+
+    fs, path = storage.filesystem(url)
+    for rel, data in files.items():
+        fs.makedirs(f"{path}/{rel}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(f"{path}/{rel}", data)
+
+
+def read_tree(url: str) -> dict:
+    """{path relative to `url`: bytes} of every file under `url`."""
+    from ssl_dist import storage
+
+    fs, path = storage.filesystem(url)
+    fs.invalidate_cache()
+    if not fs.exists(path):
+        return {}
+    return {p[len(path) + 1:]: fs.cat_file(p) for p, info in fs.find(path, detail=True).items()
+            if info["type"] != "directory"}
+
+
+def test_a_second_driver_on_a_run_is_refused_and_deletes_nothing_of_the_first(cifar_shards_s3, runs_url, capsys,
+                                                                              monkeypatch):
+    # The likely way in: Ctrl-C on `ssl-dist submit` leaves the job running, and the user submits
+    # again; the second job's driver runs this command. On the code before, it deleted the first
+    # run's checkpoint and metrics (--no-resume), then went on to start its workers.
+    from ssl_dist import lease
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # going past the check fails at once, not in minutes
+    write_tree(f"{runs_url}/r", PREVIOUS)
+    first = lease.acquire(f"{runs_url}/r", 60)  # the first run's driver, alive
+    before = read_tree(runs_url)
+    assert cli.main(["pretrain", "--no-resume", f"data.train_url={cifar_shards_s3['train']}",
+                     f"run.storage_path={runs_url}", "run.name=r"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"run folder {runs_url}/r is in use by another driver" in err and f"attempt {first.attempt}" in err
+    assert "whose lease expires at" in err and "another run.name" in err
+    assert read_tree(runs_url) == before  # nothing of the first run moved, deleted or written
+    first.release()
+
+
+def test_no_resume_takes_an_expired_lease_and_moves_the_previous_run_aside(cifar_shards_s3, runs_url, capsys,
+                                                                          monkeypatch):
+    # On the code before, every entry of the run folder (notes.txt too) was deleted, silently.
+    import time
+
+    from ssl_dist import lease
+
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")  # the run stops where Ray would start
+    write_tree(f"{runs_url}/r", PREVIOUS)
+    dead = lease.acquire(f"{runs_url}/r", 60, clock=lambda: time.time() - 120)  # its driver died 1 min ago
+    with pytest.raises(ValueError, match="Invalid Ray address"):
+        cli.main(["pretrain", "--no-resume", f"data.train_url={cifar_shards_s3['train']}",
+                  f"run.storage_path={runs_url}", "run.name=r"])
+    out = capsys.readouterr().out
+    assert f"took over the expired lease of {runs_url}/r" in out and f"attempt {dead.attempt}" in out
+    moved = [line for line in out.splitlines() if line.startswith("--no-resume: moved")]
+    assert len(moved) == 1 and "4 entries, 1 checkpoint(s)" in moved[0], out
+    aside = moved[0].split(" to ", 1)[1].split(";", 1)[0]
+    assert aside.startswith(f"{runs_url}/r.previous-") and len(aside.rsplit("-", 1)[1]) == len("20251202T000000Z")
+    assert read_tree(aside) == {rel: data for rel, data in PREVIOUS.items() if rel != "notes.txt"}
+    assert f"--no-resume: left notes.txt in {runs_url}/r: not written by ssl-dist" in out
+    left = read_tree(f"{runs_url}/r")
+    assert left.pop("notes.txt") == PREVIOUS["notes.txt"] and set(left) == {"config.yaml"}  # the new run's
+    assert b"name: r" in left["config.yaml"]  # and the lease was released when the driver stopped
+
+
+def test_delete_previous_deletes_only_what_ssl_dist_wrote_and_says_so(cifar_shards_s3, tmp_path, capsys,
+                                                                       monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    runs = str(tmp_path / "runs")
+    write_tree(f"{runs}/r", PREVIOUS)
+    base = [f"data.train_url={cifar_shards_s3['train']}", f"run.storage_path={runs}", "run.name=r"]
+    assert cli.main(["pretrain", "--delete-previous", *base]) == 2  # without --no-resume: refused, nothing done
+    assert "use it with --no-resume" in capsys.readouterr().err and read_tree(f"{runs}/r") == PREVIOUS
+    with pytest.raises(ValueError, match="Invalid Ray address"):
+        cli.main(["pretrain", "--no-resume", "--delete-previous", *base])
+    out = capsys.readouterr().out
+    assert (f"--no-resume --delete-previous: deleted what the previous run wrote in {runs}/r (checkpoint-00000004, "
+            f"checkpoint_manager_snapshot.json, config.yaml, metrics)") in out, out
+    assert set(read_tree(f"{runs}/r")) == {"notes.txt", "config.yaml"} and list(tmp_path.iterdir()) == [tmp_path / "runs"]
