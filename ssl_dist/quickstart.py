@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ssl_dist import config, evaluate, launch, shards, storage, synthetic
+from ssl_dist import config, evaluate, launch, shards, synthetic
 
 METHODS = ("simclr", "clip")
 
@@ -85,17 +85,12 @@ def quickstart_config(out: Path, train_url: str, overrides: list[str] | tuple[st
     return cfg
 
 
-def clear_run(cfg) -> None:
-    """Delete an earlier quickstart's run folder: its checkpoints would be resumed otherwise."""
-    fs, path = storage.filesystem(launch.run_url(cfg))
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-
-
 def run(out: str, overrides: list[str] | tuple[str, ...] = (), *, method: str = "simclr",
-        per_class: int = TRAIN_PER_CLASS) -> dict:
+        per_class: int = TRAIN_PER_CLASS, delete_previous: bool = False) -> dict:
     """Make data, pretrain `method` ("simclr" or "clip"), evaluate; prints a summary and returns
-    the scores. `per_class`: training images of each shape (the test split gets a fifth)."""
+    the scores. `per_class`: training images of each shape (the test split gets a fifth).
+    Each quickstart starts over: an earlier one's run is moved to `<run>.previous-<UTC time>`
+    (its checkpoints would be resumed otherwise), or deleted with `delete_previous`."""
     if method not in DEFAULTS:
         raise ValueError(f"unknown quickstart method {method!r}: one of {', '.join(METHODS)}")
     out_dir = Path(out)
@@ -106,10 +101,8 @@ def run(out: str, overrides: list[str] | tuple[str, ...] = (), *, method: str = 
     print(f"[quickstart] data: synthetic {'captioned ' if captions else ''}shapes under {data_dir}", flush=True)
     train_url, test_url = make_dataset(data_dir, per_class=per_class, captions=captions)
     cfg = quickstart_config(out_dir, train_url, overrides, method)
-    clear_run(cfg)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    launch.connect_ray(num_cpus=os.cpu_count())
-    result = launch.pretrain(cfg)
+    launch.connect_ray(num_cpus=os.cpu_count())  # a local Ray with token auth, unless RAY_ADDRESS is set
+    result = launch.pretrain(cfg, resume=False, delete_previous=delete_previous)
     print(f"[quickstart] evaluating {result.checkpoint_url}", flush=True)
     if captions:
         scores = evaluate.evaluate_text_checkpoint(result.checkpoint_url, zero_shot_url=test_url,

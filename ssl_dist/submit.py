@@ -3,39 +3,44 @@ stop it.
 
 `ssl-dist submit` resolves and validates the config here (a bad key costs a second, not a
 cluster round trip), then submits `python jobs/pretrain.py key=value ...` with a runtime
-environment: the project folder as `working_dir` and, unless the cluster already has them,
+environment: the project's files as `working_dir` and, unless the cluster already has them,
 the project's pip requirements. The job's driver runs `ssl-dist pretrain` on the cluster.
 
-Never sent: credentials. The runtime environment holds code, package names and, on request,
-environment variables that are not secrets (`--env`); the cluster reaches object storage
-through its own identity (instance role, Kubernetes secret) and Ray's token comes from the
-caller's RAY_AUTH_TOKEN / ~/.ray/auth_token, as a header, never in the job.
+Never sent: credentials. The working_dir is a zip of what git tracks (and would track:
+`.gitignore` respected), less every file that looks like it holds secrets, even when tracked
+(`secret_filter`); the runtime environment holds that code, package names and, on request,
+environment variables that are not secrets (`--env`, names and values checked). The cluster
+reaches object storage through its own identity (instance role, Kubernetes secret) and Ray's
+token comes from the caller's RAY_AUTH_TOKEN / ~/.ray/auth_token, as a header, never in the job.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import fnmatch
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+import tempfile
 import uuid
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ssl_dist import config as config_lib
+from ssl_dist import secret_filter
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# Never uploaded with the working dir: environments, run outputs, data, VCS, caches, and
-# files that typically hold secrets.
-WORKING_DIR_EXCLUDES = [  # gitignore patterns, relative to the project folder
-    "/.venv/", "/venv/", "/.git/", "/runs/", "/data/", "/build/", "/dist/", "__pycache__/", "*.pyc", "*.egg-info/",
-    ".pytest_cache/", ".env", "*.pem", "*.key", ".aws/", ".ray/", "auth_token",
-]
-
-# Environment variable names that hold secrets: refused by `--env`, whatever their value.
-SECRET_NAME = re.compile(r"(^|_)KEYS?($|_)|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE|SESSION|AUTH", re.I)
+# Outside a git checkout (a copied or unpacked project) these are left out instead of what
+# .gitignore would leave out: environments, run outputs, data, VCS, build outputs, caches.
+NOT_PROJECT_FILES = {"top": (".venv", "venv", ".git", "runs", "data", "build", "dist"),
+                     "any": ("__pycache__", ".pytest_cache", "*.egg-info", "*.pyc")}
 
 DEFAULT_ENTRYPOINT = "jobs/pretrain.py"
 
@@ -78,27 +83,95 @@ def pip_requirements(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> list[
 
 
 def parse_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """`["NAME=value", ...]` for the job's environment; names that hold secrets are refused."""
+    """`["NAME=value", ...]` for the job's environment; a name or a value that looks like a
+    secret (`secret_filter.secret_env_reason`) is refused, without echoing the value."""
     env = {}
     for item in items:
         name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SubmitError(f"--env {item!r} is not of the form NAME=value")
-        if SECRET_NAME.search(name):
-            raise SubmitError(f"--env {name}: secrets are never sent with a job (they would be stored in the "
-                              f"job's runtime environment as plain text); give the cluster its own access "
-                              f"(instance role, Kubernetes secret) instead")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SubmitError("--env takes NAME=value (a variable name, '=', its value): one argument is not "
+                              "of that form")
+        why = secret_filter.secret_env_reason(name, value)
+        if why:
+            raise SubmitError(f"--env {name}: {why}, and secrets are never sent with a job (its runtime "
+                              f"environment is stored as plain text on the cluster): give the cluster its own "
+                              f"access instead, an instance/IAM role (cluster/aws-gpu.yaml), a Kubernetes secret "
+                              f"(the ssl-dist-s3 envFrom in cluster/kuberay-*.yaml) or the nodes' own environment")
         env[name] = value
     return env
 
 
-def runtime_env(*, installed: bool = False, env: dict[str, str] | None = None,
-                working_dir: Path = PROJECT_ROOT) -> dict:
-    """The job's runtime environment: the project folder and (unless `installed`) its pip
-    requirements; `env` holds non-secret variables only (see `parse_env`)."""
-    runtime = {"working_dir": str(working_dir), "excludes": list(WORKING_DIR_EXCLUDES)}
+def project_files(project: Path, say: Callable[[str], None]) -> list[str]:
+    """The project's files a job gets (paths relative to `project`, with /): what git tracks
+    and would track (`git ls-files --cached --others --exclude-standard`: .gitignore respected);
+    outside a git checkout, every file but environments, outputs and caches (said so)."""
+    try:
+        listed = subprocess.run(["git", "-C", str(project), "ls-files", "-z", "--cached", "--others",
+                                 "--exclude-standard"], capture_output=True, check=True).stdout
+        return sorted({p for p in os.fsdecode(listed).split("\0") if p})
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    say(f"ssl-dist: {project} is not a git checkout: the job gets every file in it but "
+        f"{', '.join(NOT_PROJECT_FILES['top'] + NOT_PROJECT_FILES['any'])}")
+    files = []
+    for folder, dirs, names in os.walk(project):
+        here = Path(folder).relative_to(project)
+        dirs[:] = sorted(d for d in dirs if not _left_out(here / d, top=here == Path(".")))
+        files += [(here / n).as_posix() for n in names if not _left_out(here / n, top=False)]
+    return sorted(files)
+
+
+def _left_out(path: Path, *, top: bool) -> bool:
+    return (top and path.name in NOT_PROJECT_FILES["top"]) or \
+        any(fnmatch.fnmatchcase(path.name, p) for p in NOT_PROJECT_FILES["any"])
+
+
+@contextlib.contextmanager
+def job_working_dir(project: Path = PROJECT_ROOT, say: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """A zip of the project's files for a job's runtime_env working_dir, for as long as the
+    `with` lasts (the submit call uploads it): `project_files` less every file that looks like
+    it holds secrets, even when tracked, and less links out of the project (both warned).
+
+    A local .zip working_dir is uploaded by Ray as it is: what is in it is exactly what the
+    cluster gets, with no further include/exclude rules of Ray's applied.
+    """
+    say = say or (lambda message: print(message, file=sys.stderr))
+    project = project.resolve()
+    kept, secret, outside = [], [], []
+    for rel in project_files(project, say):
+        target = (project / rel).resolve()  # a link is judged by what it points to, as well
+        if not target.is_relative_to(project):
+            outside.append(rel)
+        elif secret_filter.secret_file_pattern(rel) or \
+                secret_filter.secret_file_pattern(target.relative_to(project).as_posix()):
+            secret.append(rel)
+        elif target.is_file():  # (a file deleted but still tracked, a submodule: nothing to send)
+            kept.append(rel)
+    if secret or outside:
+        say("ssl-dist: not uploaded with the job: " + "; ".join(
+            part for part in (f"files that look like secrets ({', '.join(secret)})" if secret else "",
+                              f"links out of the project ({', '.join(outside)})" if outside else "") if part))
+    with tempfile.TemporaryDirectory(prefix="ssl-dist-job-") as scratch:
+        package = Path(scratch) / "working_dir.zip"
+        with zipfile.ZipFile(package, "w", zipfile.ZIP_DEFLATED) as zf:
+            for rel in kept:
+                # A fixed timestamp: the same files give the same zip, which Ray then reuses.
+                info = zipfile.ZipInfo(rel, date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = ((project / rel).stat().st_mode & 0xFFFF) << 16
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with open(project / rel, "rb") as src, zf.open(info, "w") as dst:
+                    shutil.copyfileobj(src, dst)
+        yield package
+
+
+def runtime_env(*, working_dir: str | Path, installed: bool = False, env: dict[str, str] | None = None,
+                project: Path = PROJECT_ROOT) -> dict:
+    """The job's runtime environment: `working_dir` (what `job_working_dir` made) and (unless
+    `installed`) the `project`'s pip requirements; `env` holds non-secret variables only (see
+    `parse_env`)."""
+    runtime = {"working_dir": str(working_dir)}
     if not installed:
-        runtime["pip"] = pip_requirements(working_dir / "pyproject.toml")
+        runtime["pip"] = pip_requirements(project / "pyproject.toml")
     if env:
         runtime["env_vars"] = dict(env)
     return runtime
@@ -185,11 +258,13 @@ def submit_script(script: str, arguments: list[str], *, address: str | None, ins
     """Submit `python script arguments...` (a path inside the project, e.g. jobs/evaluate.py) as a Ray job."""
     jobs = client(address)
     command = entrypoint(script, arguments)
-    runtime = runtime_env(installed=installed, env=env)
     job_id = submission_id or f"ssl-dist-{re.sub(r'[^A-Za-z0-9_-]', '-', name)}-{uuid.uuid4().hex[:8]}"
     kwargs = {"entrypoint_num_cpus": entrypoint_num_cpus} if entrypoint_num_cpus is not None else {}
-    _call("submit", jobs.submit_job, entrypoint=command, runtime_env=runtime, submission_id=job_id,
-          metadata=metadata or {}, **kwargs)
+    with job_working_dir(PROJECT_ROOT) as working_dir:
+        runtime = runtime_env(working_dir=working_dir, installed=installed, env=env)
+        # submit_job uploads the zip before it returns: it may go once the call is done.
+        _call("submit", jobs.submit_job, entrypoint=command, runtime_env=runtime, submission_id=job_id,
+              metadata=metadata or {}, **kwargs)
     return jobs, Submission(job_id=job_id, entrypoint=command, runtime_env=runtime)
 
 

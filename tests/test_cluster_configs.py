@@ -191,3 +191,51 @@ def test_kuberay_manifests_use_kuberays_fields(path):
             assert "jobs/pretrain.py" in doc["spec"]["entrypoint"]
             entry_config = doc["spec"]["entrypoint"].split("--config", 1)[1].split()[0]
             assert (ROOT / entry_config.split("/ssl-dist/", 1)[1]).is_file()  # a config the image holds
+
+
+# ---- what `ray up` syncs to every node -----------------------------------------------------------
+
+PROJECT_FILES = ["pyproject.toml", "jobs/pretrain.py", "ssl_dist/keys.py", "ssl_dist/data/stream.py",
+                 "cluster/aws-gpu.yaml", "notes.md"]
+NOT_SYNCED = [".git/config", ".venv/bin/python", "runs/x/model.pt", "data/cifar/train.tar",
+              "ssl_dist/__pycache__/a.pyc", ".env", ".env.local", "id_rsa", "id_ed25519.pub", ".netrc", ".pgpass",
+              "kubeconfig", "deploy/kubeconfig-prod.yaml", "infra/terraform.tfstate", "certs/server.pem",
+              "certs/server.key", "conf/credentials.json", ".aws/config", ".ssh/known_hosts", "auth_token"]
+
+
+@pytest.mark.parametrize("path", LAUNCHER_YAMLS, ids=lambda p: p.name)
+def test_cluster_launcher_syncs_the_projects_files_and_no_secrets(path, tmp_path):
+    import shutil
+    import subprocess
+
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    from ssl_dist import secret_filter
+
+    cluster = yaml.safe_load(path.read_text())
+    assert cluster["rsync_filter"] == [".gitignore"]  # what git ignores, rsync leaves out (every folder's)
+    ignored = set((ROOT / ".gitignore").read_text().splitlines())
+    assert set(secret_filter.rsync_excludes()) <= ignored  # and the project's .gitignore names the secrets
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync is not installed here")
+    # The arguments `ray up` gives rsync for every file mount, from this YAML.
+    rsync = ["rsync", "-a", *SSHCommandRunner._create_rsync_filter_args(None, cluster)]
+
+    project = tmp_path / "project"
+    for rel in PROJECT_FILES + NOT_SYNCED:
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text("x\n")
+    shutil.copy(ROOT / ".gitignore", project / ".gitignore")  # the project's own, as shipped
+    subprocess.run([*rsync, f"{project}/", f"{tmp_path / 'node'}/"], check=True)  # `~/ssl-dist: .`
+    synced = sorted(p.relative_to(tmp_path / "node").as_posix() for p in (tmp_path / "node").rglob("*") if p.is_file())
+    assert synced == sorted([*PROJECT_FILES, ".gitignore"])
+    assert all(secret_filter.secret_file_pattern(rel) for rel in NOT_SYNCED[5:])  # (the same list as submit's)
+
+    # Single files Ray mounts with the same rsync arguments still go: the token (file_mounts),
+    # the head's SSH key to the workers and its bootstrap config (added by `ray up`).
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "mounted").mkdir()
+    for name in ("auth_token", "ray-autoscaler_us-west-2.pem", "ray-bootstrap-k2j4h6.yaml"):
+        (tmp_path / "home" / ".ray" / name).write_text("x\n")
+        subprocess.run([*rsync, str(tmp_path / "home" / ".ray" / name), str(tmp_path / "mounted" / name)], check=True)
+        assert (tmp_path / "mounted" / name).is_file(), name

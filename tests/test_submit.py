@@ -30,6 +30,10 @@ def test_submit_refuses_bad_config_and_secret_env_before_contacting_a_cluster(ca
     assert cli.main(["submit", "--address", address, "--env", f"AWS_SECRET_ACCESS_KEY={TEST_SECRET_KEY}"]) == 2
     out = capsys.readouterr()
     assert "secrets are never sent" in out.err and TEST_SECRET_KEY not in out.err + out.out
+    # a secret under an innocent name: its value gives it away, and is not echoed
+    assert cli.main(["submit", "--address", address, "--env", "DATABASE_URL=postgres://app:hunter2@db/app"]) == 2
+    out = capsys.readouterr()
+    assert "DATABASE_URL: its value is a URL with a password" in out.err and "hunter2" not in out.err + out.out
 
 
 def test_submitted_arguments_round_trip_the_resolved_config():
