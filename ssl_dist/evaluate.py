@@ -63,12 +63,13 @@ def iter_labeled(url: str, *, image_size: int, batch_size: int = 256, storage_op
 
 @torch.no_grad()
 def embed(model: ContrastiveModel, url: str, *, image_size: int, storage_options: dict | None = None,
-          batch_size: int = 256, view=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised encoder features (N, F) and labels (N,) of every sample at `url`."""
+          batch_size: int = 256, view=None, max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised encoder features (N, F) and labels (N,) of every sample at `url`
+    (`max_pixels`: the checkpoint's data.max_pixels; None: decode's default)."""
     model.eval()
     feats, labels = [], []
     for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options,
-                                  view=view):
+                                  view=view, max_pixels=max_pixels):
         feats.append(F.normalize(model.features(images), dim=1))
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -203,8 +204,10 @@ def evaluate_checkpoint(checkpoint_url: str, train_url: str, test_url: str, *, k
     scores = {}
     view = eval_view(cfg)
     for suffix, encoder in (("", model), ("_random_init", build_module(cfg))):
-        train_f, train_y = embed(encoder, train_url, image_size=cfg.data.image_size, view=view)
-        test_f, test_y = embed(encoder, test_url, image_size=cfg.data.image_size, view=view)
+        train_f, train_y = embed(encoder, train_url, image_size=cfg.data.image_size, view=view,
+                                 max_pixels=cfg.data.max_pixels)
+        test_f, test_y = embed(encoder, test_url, image_size=cfg.data.image_size, view=view,
+                               max_pixels=cfg.data.max_pixels)
         scores[f"knn_top1{suffix}"] = knn_top1(train_f, train_y, test_f, test_y, k=k)
         if linear_probe:
             scores[f"linear_top1{suffix}"] = linear_probe_top1(train_f, train_y, test_f, test_y, C=probe_c,

@@ -36,7 +36,8 @@ def eval_templates(eval_cfg, storage_options: dict | None = None) -> tuple[str, 
 
 @torch.no_grad()
 def _embed_share(module, url: str, *, image_size: int, limit: int, rank: int, world: int,
-                 batch_size: int, storage_options: dict | None, view=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 batch_size: int, storage_options: dict | None, view=None,
+                 max_pixels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of the L2-normalised features (n, F) and labels (n,) of the first
     `limit` samples at `url`. Every rank runs the same number of forward passes (padding
     with a blank batch), see the module docstring."""
@@ -46,7 +47,7 @@ def _embed_share(module, url: str, *, image_size: int, limit: int, rank: int, wo
     passes = math.ceil(math.ceil(count / world) / batch_size)
     feats, labels = [], []
     for images, y in iter_labeled(url, image_size=image_size, batch_size=batch_size, storage_options=storage_options,
-                                  limit=count, rank=rank, world=world, view=view):
+                                  limit=count, rank=rank, world=world, view=view, max_pixels=max_pixels):
         feats.append(F.normalize(module.features(images.to(param.device, param.dtype)).float(), dim=1).cpu())
         labels.append(y)
     for _ in range(passes - len(feats)):
@@ -71,14 +72,16 @@ def _gather_on_rank0(shares: dict, rank: int, world: int) -> dict | None:
 
 
 def knn_during_training(module, eval_cfg, *, image_size: int, rank: int, world: int,
-                        storage_options: dict | None = None, batch_size: int = 256, view=None) -> float | None:
+                        storage_options: dict | None = None, batch_size: int = 256, view=None,
+                        max_pixels: int | None = None) -> float | None:
     """kNN top-1 of the live model's image features (`module.features`) on `eval_cfg`'s
     train_url (neighbours) and test_url (queries); every rank calls it. Returns the score on
     rank 0, None on the others. The module is put back in training mode."""
     module.eval()
     try:
         shares = {name: _embed_share(module, url, image_size=image_size, limit=eval_cfg.max_samples, rank=rank,
-                                     world=world, batch_size=batch_size, storage_options=storage_options, view=view)
+                                     world=world, batch_size=batch_size, storage_options=storage_options, view=view,
+                                     max_pixels=max_pixels)
                   for name, url in (("train", eval_cfg.train_url), ("test", eval_cfg.test_url))}
     finally:
         module.train()
@@ -88,7 +91,7 @@ def knn_during_training(module, eval_cfg, *, image_size: int, rank: int, world: 
 
 def zero_shot_during_training(module, eval_cfg, tokenizer: Callable, templates: Sequence[str], *, image_size: int,
                               rank: int, world: int, storage_options: dict | None = None, batch_size: int = 256,
-                              view=None) -> float | None:
+                              view=None, max_pixels: int | None = None) -> float | None:
     """Zero-shot top-1 of the live image-text model (`module.features`, `module.encode_text`)
     on `eval_cfg.test_url`, classes named by its manifest, prompts from `templates`; every
     rank calls it. Every rank builds the (D, C) classifier (the same text forwards on every
@@ -102,7 +105,7 @@ def zero_shot_during_training(module, eval_cfg, tokenizer: Callable, templates: 
             classifier = zero_shot_classifier(encode, tokenizer, names, templates).cpu()
         shares = {"test": _embed_share(module, eval_cfg.test_url, image_size=image_size, limit=eval_cfg.max_samples,
                                        rank=rank, world=world, batch_size=batch_size,
-                                       storage_options=storage_options, view=view)}
+                                       storage_options=storage_options, view=view, max_pixels=max_pixels)}
     finally:
         module.train()
     merged = _gather_on_rank0(shares, rank, world)

@@ -122,7 +122,8 @@ class Run:
         of an image-text method (one with a tokenizer); every rank embeds its share, rank 0
         scores and logs."""
         scores, common = {}, dict(image_size=self.cfg.data.image_size, rank=self.rank, world=self.world,
-                                  storage_options=self.eval_options, view=self.method.eval_view())
+                                  storage_options=self.eval_options, view=self.method.eval_view(),
+                                  max_pixels=self.cfg.data.max_pixels)
         if self.cfg.eval.train_url:
             scores["knn_top1"] = knn_during_training(self.engine.module, self.cfg.eval, **common)
         tokenizer = self.method.tokenizer()

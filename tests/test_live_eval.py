@@ -104,3 +104,18 @@ def test_zero_shot_during_training_on_zero3_ranks_equals_one_process(labeled, ze
 
 def test_default_templates_are_clips_cifar10_ones():
     assert live_eval.eval_templates(config.load(None, []).eval) == zero_shot.CIFAR10_TEMPLATES
+
+
+def test_evaluation_during_training_and_of_a_checkpoint_decode_under_the_runs_pixel_limit(labeled):
+    # The run's data.max_pixels, not decode's default, bounds what evaluation decodes: with a
+    # limit below the 32 x 32 images, every sample is over it and the evaluation stops.
+    from ssl_dist.decode import DataError
+
+    method, model = initial_module(RESNET)
+    eval_cfg = config.load(None, EVAL + [f"eval.train_url={labeled['train']}", f"eval.test_url={labeled['test']}"]).eval
+    common = dict(image_size=32, rank=0, world=1, batch_size=4, view=method.eval_view())
+    assert live_eval.knn_during_training(model, eval_cfg, **common, max_pixels=32 * 32) is not None
+    with pytest.raises(DataError, match="max_pixels"):
+        live_eval.knn_during_training(model, eval_cfg, **common, max_pixels=32 * 32 - 1)
+    with pytest.raises(DataError, match="max_pixels"):
+        evaluate.embed(model, labeled["test"], image_size=32, view=method.eval_view(), max_pixels=100)
