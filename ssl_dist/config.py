@@ -208,6 +208,18 @@ class EvalConfig:
 
 
 @dataclass
+class TrackConfig:
+    mlflow_uri: str = ""
+    """MLflow tracking server (http://host:5000, or a file: / sqlite: URI) that rank 0 logs the run to; empty: no MLflow. Credentials come from the environment (MLFLOW_TRACKING_USERNAME / _PASSWORD / _TOKEN), never from here."""
+    experiment: str = "ssl-dist"
+    """MLflow experiment of the run (created if missing)."""
+    wandb_project: str = ""
+    """Weights & Biases project that rank 0 logs the run to; empty: no W&B. WANDB_API_KEY and WANDB_MODE (offline on clusters without internet) come from the environment."""
+    wandb_entity: str = ""
+    """W&B team or user owning the project; empty: the API key's default entity."""
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Where the shards are and how they are streamed."""
@@ -227,6 +239,8 @@ class Config:
     """Object-store access (credentials always come from the environment, never from here)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Periodic kNN evaluation during training (`ssl-dist evaluate` scores a checkpoint afterwards)."""
+    track: TrackConfig = field(default_factory=TrackConfig)
+    """Experiment tracking beside the run folder's CSV and TensorBoard files: MLflow, Weights & Biases."""
 
     def get(self, dotted: str) -> Any:
         """The value of a `section.key`."""
@@ -263,6 +277,10 @@ class Config:
                 raise ConfigError(f"{key}={self.get(key)}: must be positive (seconds)")
         if self.loss.temperature <= 0:
             raise ConfigError(f"loss.temperature={self.loss.temperature}: must be positive")
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://[^/@]*@", self.track.mlflow_uri):
+            raise ConfigError("track.mlflow_uri holds credentials (user:password@): configs are written to the run "
+                              "folder and logged; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                              "MLFLOW_TRACKING_TOKEN) in the environment and give the URI without them")
         if self.eval.every and not self.eval.test_url:
             raise ConfigError(f"eval.every={self.eval.every} needs labeled shards: set eval.test_url (and "
                               f"eval.train_url for kNN), e.g. small sets made with `ssl-dist shards make`")

@@ -143,8 +143,10 @@ def write_resolved_config(cfg, storage_options: dict) -> str:
     return url
 
 
-def build_trainer(cfg, *, data_options: dict, storage_options: dict, attempt: str = ""):
-    """The Ray Train TorchTrainer of a run (driver side; nothing starts until `fit`)."""
+def build_trainer(cfg, *, data_options: dict, storage_options: dict, attempt: str = "", callbacks=()):
+    """The Ray Train TorchTrainer of a run (driver side; nothing starts until `fit`).
+    `callbacks`: Ray Train UserCallbacks of the caller's (a sweep's Tune reporter), run by the
+    controller beside ssl-dist's own."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -163,7 +165,7 @@ def build_trainer(cfg, *, data_options: dict, storage_options: dict, attempt: st
             name=cfg.run.name, storage_path=path, storage_filesystem=filesystem,
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
-            callbacks=[stop_on_fatal()],
+            callbacks=[stop_on_fatal(), *callbacks],
         ),
     )
 
@@ -302,13 +304,14 @@ def with_absolute_paths(cfg):
 
 
 def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, delete_previous: bool = False,
-             say=print) -> RunResult:
+             say=print, callbacks=()) -> RunResult:
     """Run a pretraining job to its end (or its last allowed failure). Driver only.
 
     `resume`: None resumes from the run folder's checkpoints if there are any, True
     requires one, False starts over, moving the previous run aside (deleting it with
     `delete_previous`; see `prepare_resume`). The run folder's lease is held from before
-    anything in it changes until the run ends: a second driver on it is refused.
+    anything in it changes until the run ends: a second driver on it is refused. `callbacks`:
+    extra Ray Train UserCallbacks (see `build_trainer`).
     """
     if delete_previous and resume is not False:
         raise LaunchError("--delete-previous deletes the previous run of a run started over: use it with "
@@ -320,7 +323,7 @@ def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, del
         write_resolved_config(cfg, storage_options)
         connect_ray(address, num_cpus=None)
         trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options,
-                                attempt=held.attempt)
+                                attempt=held.attempt, callbacks=callbacks)
         result = trainer.fit()
     if result.error is not None:
         raise result.error
