@@ -9,6 +9,8 @@ expired. Every change is atomic, so of two drivers racing only one wins:
 
 - S3: create is a conditional PUT (`If-None-Match: *`); renewing and taking over are PUTs
   with `If-Match: <ETag>` of the lease read; releasing is a DELETE with `If-Match`.
+- GCS: create is an upload with `ifGenerationMatch=0`; renewing, taking over and releasing
+  carry `ifGenerationMatch=<generation>` of the lease read (GCS answers 412 to a changed one).
 - local: create is `os.open(O_CREAT | O_EXCL)`; each read-check-write (renew, take over,
   release) runs under an exclusive `flock` of the run folder, and creation too, so that a
   reader never sees a half-written lease.
@@ -120,6 +122,58 @@ class _S3Lease:
         self.fs.invalidate_cache(self.path)
 
 
+class _GCSLease:
+    """The lease object on Google Cloud Storage: tokens are object generations, every write is
+    conditional on one (`ifGenerationMatch`; 0: no object yet). gcsfs's `pipe_file` can only
+    create conditionally, so the uploads and the delete are its JSON-API requests, made here."""
+
+    def __init__(self, url: str, options: dict | None):
+        self.url = url
+        self.fs, self.path = storage.filesystem(url, options)
+        self.bucket, self.key = self.path.split("/", 1)
+
+    def _upload(self, data: bytes, generation: str) -> str:
+        """One media upload if the object's generation is `generation`; the new generation.
+        gcsfs raises FileExistsError for GCS's 412 (the precondition failed)."""
+        with storage.translate_errors(self.url):
+            reply = self.fs.call("POST", f"{self.fs._location}/upload/storage/v1/b/{{}}/o", self.bucket,
+                                 uploadType="media", name=self.key, ifGenerationMatch=generation, data=data,
+                                 headers={"Content-Type": "application/octet-stream"}, json_out=True)
+        self.fs.invalidate_cache(self.path)
+        return str(reply["generation"])
+
+    def create(self, data: bytes) -> str:
+        """Write the lease if there is none (FileExistsError otherwise); its token."""
+        return self._upload(data, "0")
+
+    def read(self) -> tuple[bytes, str] | None:
+        """(bytes, token) of the lease, or None. The token is read first: a change in between
+        makes a later conditional write with it fail, never succeed on what was not read."""
+        with storage.translate_errors(self.url):
+            self.fs.invalidate_cache(self.path)
+            try:
+                token = str(self.fs.info(self.path)["generation"])
+                return self.fs.cat_file(self.path), token
+            except FileNotFoundError:
+                return None
+
+    def replace(self, data: bytes, token: str) -> str:
+        """Overwrite the lease if it is still the one of `token` (LeaseConflict otherwise)."""
+        try:
+            return self._upload(data, token)
+        except (FileExistsError, FileNotFoundError):
+            raise LeaseConflict(self.url) from None
+
+    def delete(self, token: str) -> None:
+        """Delete the lease if it is still the one of `token` (LeaseConflict otherwise)."""
+        with storage.translate_errors(self.url):
+            try:
+                self.fs.call("DELETE", "b/{}/o/{}", self.bucket, self.key, ifGenerationMatch=token)
+            except (FileExistsError, FileNotFoundError):
+                raise LeaseConflict(self.url) from None
+        self.fs.invalidate_cache(self.path)
+
+
 def _precondition_failed(err: BaseException) -> bool:
     """s3fs turns 412 PreconditionFailed into OSError(EINVAL) (FileExistsError for If-None-Match);
     a missing object under If-Match is a conflict too (someone released or moved it)."""
@@ -195,7 +249,9 @@ def _digest(data: bytes) -> str:
 
 
 def _store(url: str, options: dict | None):
-    return _LocalLease(url) if "://" not in url or url.startswith("file://") else _S3Lease(url, options)
+    if "://" not in url or url.startswith("file://"):
+        return _LocalLease(url)
+    return _GCSLease(url, options) if url.startswith("gs://") else _S3Lease(url, options)
 
 
 # ---- the lease ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ attempt here is one request to the store, and retries never multiply.
 Two kinds of failure:
 
 - TRANSIENT: the store is throttling (503 SlowDown, 429, ThrottlingException,
-  RequestLimitExceeded ...), timing out, unreachable, or failing on its side (5xx). Waited
+  RequestLimitExceeded ...; GCS's 429 and 503), timing out, unreachable, or failing on its side (5xx). Waited
   for with exponential backoff and full jitter (a delay drawn uniformly from [0, bound), the
   bound doubling from `backoff_s` up to `max_delay_s`, so that many readers throttled at
   once do not come back at once) until the read's total deadline, `deadline_s`. Past it the
@@ -53,6 +53,7 @@ TRANSIENT_TYPES = frozenset({
     "EndpointConnectionError", "ConnectionClosedError", "ProxyConnectionError", "HTTPClientError",
     "ClientConnectorError", "ClientConnectionError", "ClientOSError", "ServerDisconnectedError",
     "ServerTimeoutError", "ClientPayloadError", "IncompleteRead", "ResponseParserError", "ResponseStreamingError",
+    "TransportError",  # google-auth could not reach its token endpoint (gs://)
 })
 TRANSIENT_ERRNOS = frozenset({errno.EBUSY,  # s3fs's translation of SlowDown and 503
                               errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED,
@@ -85,7 +86,11 @@ def _chain(exc: BaseException) -> list[BaseException]:
 
 
 def _reply(exc: BaseException) -> tuple[str | None, int | None]:
-    """(error code, HTTP status) of a botocore ClientError; (None, None) for anything else."""
+    """(error code, HTTP status) of a botocore ClientError, (None, HTTP status) of gcsfs's
+    HttpError (429, 5xx: what gcsfs does not turn into an OS error); (None, None) for anything
+    else (gcsfs raises FileNotFoundError for 404, OSError "Forbidden" for 403)."""
+    if type(exc).__name__ == "HttpError" and isinstance(getattr(exc, "code", None), int):
+        return None, exc.code
     response = getattr(exc, "response", None)
     if not isinstance(response, dict):
         return None, None
