@@ -12,6 +12,11 @@ steps.
 Evaluation scores (kNN top-1 during training) are a column of the row of the step they were
 measured at; a row that holds only a score (evaluation at a step that was not logged) has
 the other columns empty.
+
+The same numbers go to the attempt's sinks, if any (`ssl_dist.tracking`: an MLflow run, a
+W&B run, named after the attempt's CSV): `log(step, values)` per row, `flush()` and
+`close()` with the CSV's. A sink that raises is dropped with one warning; the CSV and the
+TensorBoard files never depend on it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import tempfile
 import threading
 import time
 
-from ssl_dist import storage
+from ssl_dist import storage, tracking
 from ssl_dist.timing import PHASES
 
 EVAL_COLUMNS = ("knn_top1", "zero_shot_top1")  # live_eval's scores (eval.every)
@@ -36,12 +41,21 @@ COLUMNS = ["step", "epoch", "loss", "lr", "samples_per_s", "samples_seen", "time
 TENSORBOARD_DIR = "tensorboard"
 
 
+def attempt_name(start_step: int) -> str:
+    """`attempt-<start step>-<unix ms>`: the name of an attempt's CSV (and of its tracker runs)."""
+    return f"attempt-{start_step:08d}-{int(time.time() * 1000)}"
+
+
 class MetricsLog:
-    """Rows of metrics for one attempt; only rank 0 makes one."""
+    """Rows of metrics for one attempt; only rank 0 makes one. `name`: the attempt's
+    (`attempt_name`); `sinks`: trackers that get every row too (`tracking.attempt_sinks`)."""
 
     def __init__(self, run_url: str, *, start_step: int, max_steps: int, global_batch: int,
-                 storage_options: dict | None = None, tensorboard: bool = True):
-        self.url = storage.join(run_url, "metrics", f"attempt-{start_step:08d}-{int(time.time() * 1000)}.csv")
+                 storage_options: dict | None = None, tensorboard: bool = True, name: str | None = None,
+                 sinks=()):
+        self.name = name or attempt_name(start_step)
+        self.url = storage.join(run_url, "metrics", f"{self.name}.csv")
+        self.sinks = list(sinks)
         self.run_url = run_url
         self.options = storage_options or {}
         self.rows: list[dict] = []
@@ -60,7 +74,9 @@ class MetricsLog:
         row["time"] = time.time()
         self._mark_time, self._mark_step = now, row["step"]
         self.rows.append(row)
-        self._scalars(row["step"], {k: v for k, v in row.items() if k not in ("step", "time")}, prefix="train/")
+        values = {k: v for k, v in row.items() if k not in ("step", "time")}
+        self._scalars(row["step"], values, prefix="train/")
+        self._to_sinks("log", row["step"], _numbers(values))
         return row
 
     def add_eval(self, step: int, **scores: float) -> None:
@@ -70,6 +86,7 @@ class MetricsLog:
         else:
             self.rows.append({"step": step, "time": time.time(), **scores})
         self._scalars(step, scores, prefix="eval/")
+        self._to_sinks("log", step, _numbers(scores))
 
     def progress_line(self, row: dict) -> str:
         """`step 40/100  loss 4.1234  lr 1.0e-03  312.4 samples/s  ETA 0:00:19`"""
@@ -88,11 +105,13 @@ class MetricsLog:
         writer.writerows(self.rows)
         storage.write_text(self.url, buf.getvalue(), self.options)
         self._flush_tensorboard()
+        self._to_sinks("flush")
 
     def close(self) -> None:
-        """Last flush; removes the local copy of the event file. The writer is closed before
-        the copy: tensorboardX's flush() writes out only what its thread has taken from its
-        queue, and the last scalars of a run were at times missing from the copied file."""
+        """Last flush; removes the local copy of the event file; ends the sinks' runs. The
+        writer is closed before the copy: tensorboardX's flush() writes out only what its
+        thread has taken from its queue, and the last scalars of a run were at times missing
+        from the copied file."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -100,6 +119,17 @@ class MetricsLog:
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+        self._to_sinks("close")
+        self.sinks = []
+
+    def _to_sinks(self, method: str, *args) -> None:
+        """Call `method` of every sink; one that raises gets one warning and is dropped."""
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as err:  # noqa: BLE001 (a tracker never fails a run)
+                tracking.warning(sink.name, err, self.run_url)
+                self.sinks.remove(sink)
 
     # ---- TensorBoard: written locally by tensorboardX, copied whole at every flush --------------
 
@@ -125,6 +155,11 @@ class MetricsLog:
         fs.makedirs(path, exist_ok=True)
         for name in os.listdir(self._tmp.name):
             fs.put_file(os.path.join(self._tmp.name, name), f"{path}/{name}")
+
+
+def _numbers(values: dict) -> dict[str, float]:
+    """The numeric entries of a row (what a tracker plots; empty cells and flags left out)."""
+    return {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _attempt_files(run_url: str, storage_options: dict | None):

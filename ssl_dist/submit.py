@@ -71,15 +71,32 @@ def config_arguments(cfg: config_lib.Config) -> list[str]:
     return args
 
 
-def pip_requirements(pyproject: Path = PROJECT_ROOT / "pyproject.toml") -> list[str]:
-    """The project's runtime dependencies from pyproject.toml, without Ray: the cluster runs
-    its own Ray, and a second one in the job's environment would not match it."""
+def pip_requirements(pyproject: Path = PROJECT_ROOT / "pyproject.toml", extras=()) -> list[str]:
+    """The project's runtime dependencies from pyproject.toml, then those of each of its
+    `extras` ([project.optional-dependencies], e.g. "mlflow"), each once, without Ray: the
+    cluster runs its own Ray, and a second one in the job's environment would not match it."""
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
-    deps = tomllib.loads(pyproject.read_text())["project"]["dependencies"]
+    project = tomllib.loads(pyproject.read_text())["project"]
+    deps = list(project["dependencies"])
+    declared = project.get("optional-dependencies", {})
+    for extra in extras:
+        if extra not in declared:
+            raise SubmitError(f"{pyproject} declares no extra {extra!r} ([project.optional-dependencies]), which "
+                              f"the job needs: add it there, or install {extra} on the cluster and pass --installed")
+        deps += [d for d in declared[extra] if d not in deps]
     return [d for d in deps if not re.match(r"^ray(\[|[<>=!~ ]|$)", d.strip())]
+
+
+def tracker_extras(cfg: config_lib.Config) -> list[str]:
+    """The project's extras a job of `cfg` needs besides its dependencies: the client of each
+    tracker it configures (track.mlflow_uri: "mlflow", track.wandb_project: "wandb"), which
+    the job's driver opens the run with."""
+    from ssl_dist.tracking import EXTRAS
+
+    return [extra for extra, key in EXTRAS.items() if cfg.get(key)]
 
 
 def parse_env(items: list[str] | tuple[str, ...]) -> dict[str, str]:
@@ -165,13 +182,13 @@ def job_working_dir(project: Path = PROJECT_ROOT, say: Callable[[str], None] | N
 
 
 def runtime_env(*, working_dir: str | Path, installed: bool = False, env: dict[str, str] | None = None,
-                project: Path = PROJECT_ROOT) -> dict:
+                extras=(), project: Path = PROJECT_ROOT) -> dict:
     """The job's runtime environment: `working_dir` (what `job_working_dir` made) and (unless
-    `installed`) the `project`'s pip requirements; `env` holds non-secret variables only (see
-    `parse_env`)."""
+    `installed`) the `project`'s pip requirements with those of its `extras` (`tracker_extras`);
+    `env` holds non-secret variables only (see `parse_env`)."""
     runtime = {"working_dir": str(working_dir)}
     if not installed:
-        runtime["pip"] = pip_requirements(project / "pyproject.toml")
+        runtime["pip"] = pip_requirements(project / "pyproject.toml", extras)
     if env:
         runtime["env_vars"] = dict(env)
     return runtime
@@ -245,23 +262,27 @@ class Submission:
 
 def submit(cfg: config_lib.Config, *, address: str | None, installed: bool = False, env: dict | None = None,
            submission_id: str | None = None, entrypoint_num_cpus: float | None = None) -> tuple[object, Submission]:
-    """Submit a pretraining run of `cfg` (jobs/pretrain.py) as a Ray job; returns (client, Submission)."""
+    """Submit a pretraining run of `cfg` (jobs/pretrain.py) as a Ray job, with the client of
+    each tracker it configures (`tracker_extras`); returns (client, Submission)."""
     return submit_script(DEFAULT_ENTRYPOINT, config_arguments(cfg), address=address, installed=installed, env=env,
                          name=cfg.run.name, metadata={"ssl_dist_run": cfg.run.name,
                                                       "storage_path": cfg.run.storage_path},
-                         submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus)
+                         submission_id=submission_id, entrypoint_num_cpus=entrypoint_num_cpus,
+                         extras=tracker_extras(cfg))
 
 
 def submit_script(script: str, arguments: list[str], *, address: str | None, installed: bool = False,
                   env: dict | None = None, name: str = "job", metadata: dict | None = None,
-                  submission_id: str | None = None, entrypoint_num_cpus: float | None = None) -> tuple[object, Submission]:
-    """Submit `python script arguments...` (a path inside the project, e.g. jobs/evaluate.py) as a Ray job."""
+                  submission_id: str | None = None, entrypoint_num_cpus: float | None = None,
+                  extras=()) -> tuple[object, Submission]:
+    """Submit `python script arguments...` (a path inside the project, e.g. jobs/evaluate.py) as a Ray job;
+    `extras`: the project's extras its pip requirements add (`pip_requirements`)."""
     jobs = client(address)
     command = entrypoint(script, arguments)
     job_id = submission_id or f"ssl-dist-{re.sub(r'[^A-Za-z0-9_-]', '-', name)}-{uuid.uuid4().hex[:8]}"
     kwargs = {"entrypoint_num_cpus": entrypoint_num_cpus} if entrypoint_num_cpus is not None else {}
     with job_working_dir(PROJECT_ROOT) as working_dir:
-        runtime = runtime_env(working_dir=working_dir, installed=installed, env=env)
+        runtime = runtime_env(working_dir=working_dir, installed=installed, env=env, extras=extras)
         # submit_job uploads the zip before it returns: it may go once the call is done.
         _call("submit", jobs.submit_job, entrypoint=command, runtime_env=runtime, submission_id=job_id,
               metadata=metadata or {}, **kwargs)

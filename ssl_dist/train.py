@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ssl_dist import checkpoint, collective, data, methods, records
+from ssl_dist import checkpoint, collective, data, methods, records, tracking
 from ssl_dist.config import Config
 from ssl_dist.engine import build_engine
 from ssl_dist.live_eval import eval_storage_options, eval_templates, knn_during_training, zero_shot_during_training
-from ssl_dist.metrics import MetricsLog
+from ssl_dist.metrics import MetricsLog, attempt_name
 from ssl_dist.step import optimizer_step
 from ssl_dist.timing import PhaseTimer
 
@@ -42,7 +42,7 @@ def train_loop(loop_config: dict) -> None:
     `loop_config`: {"config": the typed Config, "run_url": the run folder, "data_options" /
     "storage_options": credential-free fsspec options, "method_class": a user's Method class
     shipped by the driver, or absent for a built-in method, "attempt": the driver's attempt id,
-    which its checkpoints carry}.
+    which its checkpoints carry, "tracking": the trackers rank 0 logs to (`tracking.parent`), or absent}.
     """
     run = start(loop_config)
     cfg, method, engine, loader, state, timer = run.cfg, run.method, run.engine, run.loader, run.state, run.timer
@@ -120,7 +120,9 @@ class Run:
     def evaluate(self, step: int) -> None:
         """kNN top-1 of the live image features (when eval.train_url is set) and zero-shot top-1
         of an image-text method (one with a tokenizer); every rank embeds its share, rank 0
-        scores and logs."""
+        scores and logs, and every rank reports the scores to Ray Train (see below)."""
+        import ray.train
+
         scores, common = {}, dict(image_size=self.cfg.data.image_size, rank=self.rank, world=self.world,
                                   storage_options=self.eval_options, view=self.method.eval_view(),
                                   max_pixels=self.cfg.data.max_pixels)
@@ -135,6 +137,12 @@ class Run:
             for name, value in scores.items():
                 say(f"{SCORE_NAMES[name]} at step {step}: {value:.4f}")
             self.report.log.flush()
+        # Ray Train's report is collective (every rank, the same calls in the same order): rank 0's
+        # scores (the others have None) are what a sweep's Tune callback reads on the controller.
+        # Without a checkpoint it leaves the checkpointer's reports and Ray Train's checkpoint
+        # bookkeeping as they are; it waits, like the next checkpoint's report would, for a
+        # background upload still under way.
+        ray.train.report({"step": step, **{name: value for name, value in scores.items() if value is not None}})
 
     def flush_keys(self) -> None:
         if self.keys is not None:
@@ -142,7 +150,7 @@ class Run:
 
     def close(self) -> None:
         if self.report.log is not None:
-            self.report.log.close()  # last flush of the CSV and the TensorBoard file
+            self.report.log.close()  # last flush of the CSV and the TensorBoard file; ends the trackers' runs
 
 
 def start(loop_config: dict) -> Run:
@@ -206,8 +214,13 @@ def start(loop_config: dict) -> Run:
                                            "restored": time.time()})
     keys = records.KeyLog(run_url, rank=rank, start_step=state.step, attempt_id=resume.attempt_id,
                           storage_options=options) if cfg.train.log_keys else None
-    log = MetricsLog(run_url, start_step=state.step, max_steps=cfg.train.max_steps,
-                     global_batch=loader.layout.global_batch, storage_options=options) if rank == 0 else None
+    log = None
+    if rank == 0:  # rank 0 writes the metrics: CSV, TensorBoard, and the trackers' runs of this attempt
+        name = attempt_name(state.step)
+        sinks = tracking.attempt_sinks(loop_config.get("tracking"), cfg, attempt=name, run_url=run_url,
+                                       storage_options=options, say=say)
+        log = MetricsLog(run_url, start_step=state.step, max_steps=cfg.train.max_steps, name=name, sinks=sinks,
+                         global_batch=loader.layout.global_batch, storage_options=options)
     checkpointer = checkpoint.Checkpointer(cfg, rank=rank, world_size=world, group=control, taken=set(resume.taken),
                                            batch=batch, attempt=loop_config.get("attempt", ""))
     return Run(cfg=cfg, rank=rank, world=world, control=control, method=method, engine=engine, loader=loader,

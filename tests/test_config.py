@@ -117,3 +117,13 @@ def test_builtin_method_names_are_the_methods_package():
     assert tuple(methods.BUILTIN) == config.BUILTIN_METHODS
     for name in methods.BUILTIN:
         assert methods.resolve(name).name == name
+
+
+@pytest.mark.parametrize("uri", ["http://alice:s3cret-pass@mlflow.example.com:5000",
+                                 "https://token@mlflow.example.com"])
+def test_a_tracking_uri_with_credentials_is_refused_without_echoing_them(uri):
+    # the config is written to the run folder and logged as the MLflow run's parameters
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_USERNAME") as err:
+        config.load(None, [f"track.mlflow_uri={uri}"])
+    assert "s3cret-pass" not in str(err.value) and "token@" not in str(err.value)
+    assert config.load(None, ["track.mlflow_uri=https://mlflow.example.com:5000/"]).track.mlflow_uri

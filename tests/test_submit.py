@@ -47,3 +47,43 @@ def test_submitted_arguments_round_trip_the_resolved_config():
     command = shlex.split(submit.entrypoint(submit.DEFAULT_ENTRYPOINT, submit.config_arguments(cfg)))
     assert command[:2] == ["python", "jobs/pretrain.py"]
     assert config.load(None, command[2:]) == cfg  # what the job resolves is what was resolved here
+
+
+def project_extras() -> dict[str, list[str]]:
+    """The project's extras as pyproject.toml declares them."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+
+
+def test_a_job_of_a_tracked_run_gets_the_client_of_each_configured_tracker():
+    # Before: the job's pip requirements were the project's dependencies only, and the cluster's
+    # driver of `ssl-dist submit ... track.mlflow_uri=...` stopped at "needs the mlflow package".
+    from ssl_dist import config, submit
+
+    extras = project_extras()
+    plain = submit.runtime_env(working_dir="job.zip", extras=submit.tracker_extras(config.load(None, [])))
+    assert not set(plain["pip"]) & {*extras["mlflow"], *extras["wandb"]}
+    mlflow, wandb = "track.mlflow_uri=http://mlflow:5000", "track.wandb_project=ssl"
+    for overrides, wanted in (([mlflow], ["mlflow"]), ([wandb], ["wandb"]), ([mlflow, wandb], ["mlflow", "wandb"])):
+        cfg = config.load(None, overrides)
+        assert submit.tracker_extras(cfg) == wanted
+        runtime = submit.runtime_env(working_dir="job.zip", extras=submit.tracker_extras(cfg))
+        assert runtime["pip"] == plain["pip"] + [r for extra in wanted for r in extras[extra]], overrides
+        # --installed: the cluster has ssl-dist and its clients already, nothing is installed
+        assert "pip" not in submit.runtime_env(working_dir="job.zip", installed=True,
+                                               extras=submit.tracker_extras(cfg))
+
+
+def test_an_extra_the_project_does_not_declare_is_a_clear_error(tmp_path):
+    import pytest
+
+    from ssl_dist import submit
+
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'x'\ndependencies = ['numpy', 'ray[train]>=2.60']\n"
+                                             "[project.optional-dependencies]\n"
+                                             "mlflow = ['mlflow>=2.12', 'numpy', 'ray>=2.60']\n")
+    assert submit.pip_requirements(tmp_path / "pyproject.toml", extras=["mlflow"]) == ["numpy", "mlflow>=2.12"]
+    with pytest.raises(submit.SubmitError, match=r"declares no extra 'wandb'.*--installed"):
+        submit.runtime_env(working_dir="job.zip", extras=["wandb"], project=tmp_path)
