@@ -51,6 +51,11 @@ def user_error_message(err: BaseException) -> str | None:
         if id(e) in seen or e is None:
             continue
         seen.add(id(e))
+        if isinstance(getattr(e, "cause", None), BaseException):
+            # Ray's RayTaskError is made an instance of its cause's class too, and its str() is
+            # the remote traceback: the message is the cause's
+            stack.append(e.cause)
+            continue
         if isinstance(e, known):
             return str(e)
         for attr in ("worker_failures", "controller_failure", "__cause__", "__context__", "cause"):
@@ -98,34 +103,17 @@ def cmd_shards_check(args) -> int:
 
 
 def cmd_pretrain(args) -> None:
-    from ssl_dist import config, launch, metrics, plots, storage
+    from ssl_dist import config, launch, metrics, storage
 
     cfg = config.load(args.config, args.overrides)
-    # Watching: a bar from the metrics CSV rank 0 rewrites (on a terminal), the curves' PNG at the end
+    # Watching: a bar from the metrics CSV rank 0 rewrites (on a terminal); pretrain draws the curves
     run_url, options = launch.run_url(cfg), storage.options_from_config(cfg.run.storage_path, cfg.storage)
-    try:
-        with metrics.watch_run(run_url, options, max_steps=cfg.train.max_steps):
-            result = launch.pretrain(cfg, address=args.address, resume=args.resume,
-                                     delete_previous=args.delete_previous)
-    except BaseException:
-        _write_curves(run_url, options, plots, failed=True)  # a failed run's curves, if it got that far
-        raise
-    _write_curves(run_url, options, plots)
+    with metrics.watch_run(run_url, options, max_steps=cfg.train.max_steps):
+        result = launch.pretrain(cfg, address=args.address, resume=args.resume, delete_previous=args.delete_previous)
     print(f"run folder: {result.run_url}")
     print(f"newest checkpoint: {result.checkpoint_url}")
-
-
-def _write_curves(run_url: str, options: dict, plots, *, failed: bool = False) -> None:
-    """The run's curves.png; drawing never hides the run's own outcome (after a failure, it is
-    silent unless it drew something)."""
-    try:
-        url = plots.write_curves(run_url, options)
-    except Exception as err:  # noqa: BLE001
-        if not failed:
-            print(f"ssl-dist: could not draw the curves of {run_url}: {type(err).__name__}: {err}", file=sys.stderr)
-        return
-    if url:
-        print(f"curves: {url}", file=sys.stderr if failed else sys.stdout)
+    if result.curves_url:
+        print(f"curves: {result.curves_url}")
 
 
 def cmd_export(args) -> None:
@@ -240,11 +228,23 @@ def cmd_config(args) -> None:
     print(config.describe(cfg) if args.describe else config.dump_yaml(cfg), end="")
 
 
+def cmd_sweep(args) -> int:
+    from ssl_dist import config, sweep
+
+    cfg = config.load(args.config, args.overrides)
+    result = sweep.run_sweep(cfg, args.param, metric=args.metric, samples=args.samples, name=args.name,
+                             grace_evals=args.grace_evals, reduction_factor=args.reduction_factor,
+                             max_concurrent=args.max_concurrent, out=args.out, address=args.address,
+                             explain=user_error_message)
+    return 0 if result.best is not None else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `ssl-dist` argument parser: one sub-command per job, each handled by its cmd_ function."""
     parser = argparse.ArgumentParser(prog="ssl-dist", description="Contrastive self-supervised pretraining at scale.")
     sub = parser.add_subparsers()
     add_run_commands(sub)
+    add_sweep_command(sub)
     add_checkpoint_commands(sub)
     add_job_commands(sub)
     add_shard_commands(sub)
@@ -285,6 +285,33 @@ def add_run_commands(sub) -> None:
     p.add_argument("--describe", action="store_true", help="list every key with its documentation")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(handler=cmd_config)
+
+
+def add_sweep_command(sub) -> None:
+    """sweep: a Ray Tune search whose trials are ordinary runs."""
+    p = sub.add_parser("sweep", help="search hyperparameters with Ray Tune, ASHA stopping trials early on the periodic "
+                                     "evaluation (eval.every); each trial is an ordinary run with its own folder")
+    p.add_argument("--config", help="YAML file overriding the defaults: what every trial shares")
+    p.add_argument("--param", action="append", default=[], required=True, metavar="KEY=DIST(ARGS)",
+                   help="a swept key, repeatable: uniform(low,high), loguniform(low,high), randint(low,high) "
+                        "(high not drawn), choice(a,b,...) or grid(a,b,...), e.g. 'optim.lr=loguniform(1e-4,1e-2)'")
+    p.add_argument("--samples", type=positive_int, default=8,
+                   help="trials drawn (with grid values: times each grid is searched) (default: %(default)s)")
+    p.add_argument("--metric", default="knn_top1",
+                   help="evaluation score ranking the trials: knn_top1 or zero_shot_top1 (default: %(default)s)")
+    p.add_argument("--name", help="the sweep's name: trials run as <name>-<trial id>, Tune's state goes to "
+                                  "<storage>/<name>.tune (default: run.name)")
+    p.add_argument("--grace-evals", type=positive_int, default=1,
+                   help="evaluations every trial gets before ASHA may stop it (default: %(default)s)")
+    p.add_argument("--reduction-factor", type=positive_int, default=2,
+                   help="ASHA keeps the best 1 in this many trials at each rung (default: %(default)s)")
+    p.add_argument("--max-concurrent", type=positive_int, default=None,
+                   help="trials at a time (default: as many as the cluster's CPUs and GPUs hold)")
+    p.add_argument("--out", metavar="FILE", help="the best trial's config (default: <storage>/<name>-best.yaml for "
+                                                 "local storage, ./<name>-best.yaml for a bucket)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after --config")
+    p.set_defaults(handler=cmd_sweep)
 
 
 def add_checkpoint_commands(sub) -> None:

@@ -55,7 +55,10 @@ def start_ray_head(temp_dir: Path, num_cpus: int = 4) -> str:
     """`ray start --head` on 127.0.0.1 (free ports, its own temp dir, token auth off); returns
     its address. Stop it with `stop_ray_node(temp_dir)`, never with `ray stop`."""
     port = free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # RAY_ADDRESS: Ray's own processes that look for "the" cluster without an address (Ray
+    # Train's placement-group cleaner, which frees a dead controller's CPUs) must find this one
+    # among the machine's Ray instances, as e2e/conftest.py's cluster does.
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": f"127.0.0.1:{port}"}
     subprocess.run([ray_executable(), "start", "--head", f"--port={port}", f"--num-cpus={num_cpus}", "--num-gpus=0",
                     "--include-dashboard=true", f"--dashboard-port={free_port()}", f"--temp-dir={temp_dir}",
                     "--disable-usage-stats"], check=True, env=env, stdout=subprocess.DEVNULL)

@@ -91,6 +91,24 @@ def test_every_user_error_is_known_and_found_through_rays_wrappers():
     assert cli.user_error_message(CheckpointError("x")) == "x" and cli.user_error_message(KeyError("y")) is None
 
 
+def test_a_user_error_raised_in_a_ray_task_is_its_one_line_not_the_remote_traceback():
+    # A Tune trial's error comes back as a RayTaskError made an instance of the cause's class too
+    # (here LaunchError), whose str() is the whole remote traceback: that was the message printed.
+    from ray.exceptions import RayTaskError
+
+    from ssl_dist.launch import LaunchError
+
+    cause = LaunchError("data.train_url is empty: set it")
+    try:
+        raise cause
+    except LaunchError:
+        import traceback
+
+        wrapped = RayTaskError("trial", traceback.format_exc(), cause).as_instanceof_cause()
+    assert isinstance(wrapped, LaunchError) and "raise cause" in str(wrapped)  # the remote trace
+    assert cli.user_error_message(wrapped) == "data.train_url is empty: set it"
+
+
 @pytest.mark.parametrize("name", ["..", ".", "", "a/b", "../../x", "-rf"])
 def test_a_run_name_that_is_not_one_folder_is_refused_and_nothing_is_deleted(cifar_shards_s3, tmp_path, capsys,
                                                                               name):
