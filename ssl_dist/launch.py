@@ -19,11 +19,12 @@ class LaunchError(RuntimeError):
 
 @dataclass
 class RunResult:
-    """What a finished run leaves: its folder and its newest checkpoint."""
+    """What a finished run leaves: its folder, its newest checkpoint and its curves."""
 
     run_url: str
     checkpoint_url: str | None
     metrics: dict
+    curves_url: str | None = None  # the run folder's curves.png, when rank 0 wrote metrics to draw
 
 
 def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
@@ -33,10 +34,15 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     authentication, its token kept in the user's Ray folder and readable by them only
     (`ray_token.local_auth_mode`), unless the user set RAY_AUTH_MODE themselves. A cluster
     at an address has its own mode: RAY_AUTH_MODE and the token come from the caller.
+
+    Either way every process of the job (Ray Train's controller and workers) starts with
+    `ssl_dist.quiet`'s filters on the third-party lines a user cannot act on; a local Ray
+    also drops Ray Train's start-up lines and does without its PreemptionWatcher (one node,
+    nothing drains it). Ray's deduplication of repeated worker lines stays on.
     """
     import ray
 
-    from ssl_dist import ray_token
+    from ssl_dist import quiet, ray_token
 
     if ray.is_initialized():
         return
@@ -50,10 +56,10 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     # Workers inherit the driver's environment on a local cluster: that is how they find
     # the S3 endpoint and credentials without either being written into the config.
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=quiet.runtime_env(local=False))
     else:
         # The dashboard process also serves the state API that Ray Train's clean-up uses.
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        ray.init(num_cpus=num_cpus, log_to_driver=True, runtime_env=quiet.runtime_env(local=True))
 
 
 def run_url(cfg) -> str:
@@ -143,16 +149,20 @@ def write_resolved_config(cfg, storage_options: dict) -> str:
     return url
 
 
-def build_trainer(cfg, *, data_options: dict, storage_options: dict, attempt: str = "", callbacks=()):
+def build_trainer(cfg, *, data_options: dict, storage_options: dict, attempt: str = "", callbacks=(),
+                  tracking: dict | None = None):
     """The Ray Train TorchTrainer of a run (driver side; nothing starts until `fit`).
     `callbacks`: Ray Train UserCallbacks of the caller's (a sweep's Tune reporter), run by the
-    controller beside ssl-dist's own."""
+    controller beside ssl-dist's own. `tracking`: what rank 0 logs each attempt to
+    (`tracking.parent.RunTracking.for_workers`: the MLflow parent run, W&B's settings)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     filesystem, path = storage.pyarrow_filesystem(cfg.run.storage_path, storage_options)
     loop_config = {"config": cfg, "run_url": run_url(cfg), "data_options": data_options,
                    "storage_options": storage_options, "attempt": attempt, **user_method(cfg)}
+    if tracking:
+        loop_config["tracking"] = tracking
     return TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
@@ -312,22 +322,61 @@ def pretrain(cfg, *, address: str | None = None, resume: bool | None = None, del
     `delete_previous`; see `prepare_resume`). The run folder's lease is held from before
     anything in it changes until the run ends: a second driver on it is refused. `callbacks`:
     extra Ray Train UserCallbacks (see `build_trainer`).
+
+    At the end, failed or not, the run folder gets its `curves.png` (once rank 0 has written
+    metrics). With track.* set, the run is tracked (`ssl_dist.tracking`): its MLflow run is
+    opened here, before any worker starts, and ended FAILED when the run fails, or with the
+    curves and the exported encoder as its artifacts.
     """
+    from ssl_dist import tracking
+    from ssl_dist.tracking.parent import open_run as open_tracking
+
     if delete_previous and resume is not False:
         raise LaunchError("--delete-previous deletes the previous run of a run started over: use it with "
                           "--no-resume")
+    tracking.check_clients(cfg)
     cfg = with_absolute_paths(cfg)
     data_options, storage_options = preflight(cfg)
     with take_lease(cfg, storage_options, say=say).keep(say=say) as held:
         prepare_resume(cfg, resume, storage_options, say=say, delete_previous=delete_previous)
         write_resolved_config(cfg, storage_options)
-        connect_ray(address, num_cpus=None)
-        trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options,
-                                attempt=held.attempt, callbacks=callbacks)
-        result = trainer.fit()
+        tracked = open_tracking(cfg, run_url=run_url(cfg), attempt=held.attempt, resume=resume, say=say)
+        try:
+            connect_ray(address, num_cpus=None)
+            trainer = build_trainer(cfg, data_options=data_options, storage_options=storage_options,
+                                    attempt=held.attempt, callbacks=callbacks, tracking=tracked.for_workers())
+            result = trainer.fit()
+        except BaseException:
+            draw_curves(run_url(cfg), storage_options, failed=True, say=say)
+            tracked.finish(failed=True, say=say)
+            raise
+    curves = draw_curves(run_url(cfg), storage_options, failed=result.error is not None, say=say)
     if result.error is not None:
+        tracked.finish(failed=True, say=say)
         raise result.error
     checkpoint = result.checkpoint.path if result.checkpoint is not None else None
     if checkpoint is not None and cfg.run.storage_path.startswith(("s3://", "gs://")):
         checkpoint = cfg.run.storage_path.split("://")[0] + "://" + checkpoint
-    return RunResult(run_url=run_url(cfg), checkpoint_url=checkpoint, metrics=dict(result.metrics or {}))
+    tracked.finish(checkpoint_url=checkpoint, storage_options=storage_options, say=say)
+    return RunResult(run_url=run_url(cfg), checkpoint_url=checkpoint, metrics=dict(result.metrics or {}),
+                     curves_url=curves)
+
+
+def draw_curves(url: str, storage_options: dict, *, failed: bool = False, say=print) -> str | None:
+    """Draw the run folder's curves.png from its metrics (`plots.write_curves`); its URL, or None
+    when there is nothing to draw yet. Driver only. After a failed run, which returns no
+    result, it says where the curves are. Drawing never hides the run's own outcome: a
+    problem with it is one line on stderr, and none after a failed run, whose error is the news."""
+    import sys
+
+    from ssl_dist import plots
+
+    try:
+        curves = plots.write_curves(url, storage_options)
+    except Exception as err:  # noqa: BLE001
+        if not failed:
+            print(f"ssl-dist: could not draw the curves of {url}: {type(err).__name__}: {err}", file=sys.stderr)
+        return None
+    if curves and failed:
+        say(f"curves: {curves}")
+    return curves

@@ -14,21 +14,24 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from ssl_dist import config, evaluate, launch, shards, synthetic
+from ssl_dist import config, evaluate, launch, metrics, quiet, shards, storage, synthetic
 
 METHODS = ("simclr", "clip")
 
 # The embedded default run (jobs/configs/quickstart.yaml holds the same values; a test checks).
+# log_every: the progress line (and the bar, which reads the metrics rank 0 rewrites at each
+# line) about every 20 s at this run's 4-6 s a step on 2 CPU cores; set it with the recipe.
 QUICKSTART = {
     "data": {"batch_size": 128, "loader_workers": 1, "image_size": 32, "shuffle_window": 2048},
     "model": {"arch": "resnet18", "cifar_stem": False, "proj_hidden_dim": 256, "proj_dim": 64},
     "loss": {"temperature": 0.2},
     "optim": {"name": "adamw", "lr": 2e-3, "warmup_steps": 20},
-    "train": {"max_steps": 200, "zero_stage": 2, "checkpoint_every": 100, "log_every": 20},
+    "train": {"max_steps": 200, "zero_stage": 2, "checkpoint_every": 100, "log_every": 4},
     "run": {"name": "quickstart", "num_workers": 2},
 }
 
@@ -93,6 +96,7 @@ def run(out: str, overrides: list[str] | tuple[str, ...] = (), *, method: str = 
     (its checkpoints would be resumed otherwise), or deleted with `delete_previous`."""
     if method not in DEFAULTS:
         raise ValueError(f"unknown quickstart method {method!r}: one of {', '.join(METHODS)}")
+    quiet.install()  # this process evaluates with DeepSpeed too
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -102,7 +106,12 @@ def run(out: str, overrides: list[str] | tuple[str, ...] = (), *, method: str = 
     train_url, test_url = make_dataset(data_dir, per_class=per_class, captions=captions)
     cfg = quickstart_config(out_dir, train_url, overrides, method)
     launch.connect_ray(num_cpus=os.cpu_count())  # a local Ray with token auth, unless RAY_ADDRESS is set
-    result = launch.pretrain(cfg, resume=False, delete_previous=delete_previous)
+    print(f"[quickstart] pretraining {method} for {cfg.train.max_steps} steps on {cfg.run.num_workers} Ray "
+          f"workers (a progress line every {cfg.train.log_every} steps)", flush=True)
+    # the bar of `ssl-dist pretrain` (on a terminal; elsewhere rank 0's progress lines are the record)
+    with metrics.watch_run(launch.run_url(cfg), storage.options_from_config(cfg.run.storage_path, cfg.storage),
+                           max_steps=cfg.train.max_steps):
+        result = launch.pretrain(cfg, resume=False, delete_previous=delete_previous)
     print(f"[quickstart] evaluating {result.checkpoint_url}", flush=True)
     if captions:
         scores = evaluate.evaluate_text_checkpoint(result.checkpoint_url, zero_shot_url=test_url,
@@ -115,7 +124,17 @@ def run(out: str, overrides: list[str] | tuple[str, ...] = (), *, method: str = 
         print(f"kNN top-1, random initialisation:   {scores['knn_top1_random_init']:.3f}")
     minutes = (time.monotonic() - started) / 60
     print(f"run folder: {result.run_url}  ({minutes:.1f} min)")
+    if result.curves_url:
+        print(f"curves: {result.curves_url}")
+    print(f"TensorBoard: {tensorboard_command(result.run_url)}")
     return scores
+
+
+def tensorboard_command(run_url: str) -> str:
+    """The command that shows the run's TensorBoard files, and how to get TensorBoard if this
+    environment lacks it (ssl-dist writes the files with tensorboardX, without TensorBoard)."""
+    command = f"tensorboard --logdir {storage.join(run_url, metrics.TENSORBOARD_DIR)}"
+    return command if shutil.which("tensorboard") else f"{command}  (after `pip install tensorboard`)"
 
 
 CLIP_ROWS = (("zero-shot top-1 (shape names)", "zero_shot_top1"), ("image->text recall@1", "image_to_text_R@1"),
