@@ -35,9 +35,11 @@ def http_limits(*, timeout: float, retries: int):
     (MLFLOW_HTTP_REQUEST_TIMEOUT, MLFLOW_HTTP_REQUEST_MAX_RETRIES; `MlflowClient` takes
     neither), and its defaults, 120 s and 7 retries with backoff, wait minutes on a server
     that is gone. So they are set around ssl-dist's own calls only, in the one thread of the
-    process that talks to MLflow (the driver's main thread, rank 0's sender).
+    process that talks to MLflow (the driver's main thread, rank 0's sender). Its "View run
+    ... at" lines on stdout at every run's end are off too: the driver says the run's link once.
     """
-    wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries)}
+    wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+              "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     saved = {name: os.environ.get(name) for name in wanted}
     os.environ.update(wanted)
     try:
