@@ -23,7 +23,10 @@ from typing import Any, Literal
 
 # Built-in methods by name (ssl_dist/methods/ maps each to its class); a config may also
 # name a Method subclass of the user's own as package.module:Class.
-BUILTIN_METHODS = ("simclr", "clip", "siglip")
+BUILTIN_METHODS = ("simclr", "mocov3", "rotnet", "clip", "siglip")
+
+# The torchvision encoders of model.arch (any timm model is timm/<name>)
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 
 # Numeric keys that must not be negative, and what their 0 means.
 NON_NEGATIVE = {
@@ -77,8 +80,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet18"
-    """torchvision ResNet used as the encoder."""
+    arch: str = "resnet18"
+    """Encoder: a torchvision ResNet (resnet18, resnet34, resnet50) or any timm model as timm/<name> (e.g. timm/vit_small_patch16_224)."""
+    arch_kwargs: dict = field(default_factory=dict)
+    """Keyword arguments of the timm model (e.g. {img_size: 32, patch_size: 4} for a ViT on 32 px images); only with model.arch=timm/<name>."""
     cifar_stem: bool = True
     """Replace the ImageNet stem (7x7 conv, max-pool) by a 3x3 conv for small (32 px) images."""
     stem_stride: int = 1
@@ -96,7 +101,9 @@ class ModelConfig:
 @dataclass
 class MethodConfig:
     name: str = "simclr"
-    """Pretraining method: simclr, clip, siglip (image-text pairs: set model.clip_arch), or `package.module:Class` naming a subclass of ssl_dist.methods.Method of your own (it ships with the run; see ssl_dist/methods/base.py)."""
+    """Pretraining method: simclr, mocov3, rotnet, clip, siglip (image-text pairs: set model.clip_arch), or `package.module:Class` naming a subclass of ssl_dist.methods.Method of your own (it ships with the run; see ssl_dist/methods/base.py)."""
+    momentum: float = 0.99
+    """MoCo v3: the momentum encoder's EMA momentum at step 0, raised on a cosine schedule to 1 at train.max_steps."""
 
 
 @dataclass
@@ -109,8 +116,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
-    """Optimizer (a torch optimizer handed to DeepSpeed)."""
+    name: Literal["adamw", "sgd", "lars"] = "adamw"
+    """Optimizer handed to DeepSpeed: torch's AdamW or SGD, or timm's LARS (large batches; biases and normalisation weights are left out of its adaptation)."""
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
+    """How optim.lr follows the global batch: none, linear (lr x global batch / optim.base_batch) or sqrt (lr x sqrt(global batch / optim.base_batch)); applied again when an elastic restart changes the global batch."""
+    base_batch: int = 256
+    """The global batch at which optim.lr is the learning rate (optim.lr_scaling)."""
     lr: float = 1e-3
     """Peak learning rate (after warm-up)."""
     weight_decay: float = 1e-6
@@ -254,8 +265,17 @@ class Config:
             raise ConfigError(f"run.name={self.run.name!r}: a run name is one folder under run.storage_path: 1 to 128 "
                               f"letters, digits, '.', '_' or '-', starting with a letter or digit (e.g. "
                               f"run.name=simclr-cifar10)")
+        if not (self.model.arch in TORCHVISION_ARCHS or re.fullmatch(r"timm/[\w.\-]+", self.model.arch)):
+            raise ConfigError(f"model.arch={self.model.arch!r}: allowed values are {', '.join(TORCHVISION_ARCHS)}, or "
+                              f"timm/<name> for a timm model (e.g. timm/vit_small_patch16_224)")
+        if self.model.arch_kwargs and not self.model.arch.startswith("timm/"):
+            raise ConfigError(f"model.arch_kwargs={self.model.arch_kwargs}: keyword arguments of a timm model; "
+                              f"model.arch={self.model.arch} takes none (set model.arch=timm/<name>, or remove them)")
+        if not 0 <= self.method.momentum <= 1:
+            raise ConfigError(f"method.momentum={self.method.momentum}: MoCo v3's EMA momentum must be between 0 "
+                              f"and 1 (0.99 is the paper's; 1 freezes the momentum encoder)")
         for key in ("data.batch_size", "run.num_workers", "train.accumulate", "train.max_steps", "data.image_size",
-                    "model.width", "eval.k", "data.max_pixels"):
+                    "model.width", "eval.k", "data.max_pixels", "optim.base_batch"):
             if self.get(key) < 1:
                 raise ConfigError(f"{key}={self.get(key)}: must be at least 1")
         for key, allowed in NON_NEGATIVE.items():
@@ -386,6 +406,11 @@ def _coerce(key: str, hint: Any, value: Any, origin: str) -> Any:
     elif hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif hint is dict:
+        # keyword arguments of a library's constructor: names to plain values (YAML scalars and lists)
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value) and \
+                all(isinstance(v, (str, int, float, bool, list, type(None))) for v in value.values()):
+            return dict(value)
     raise ConfigError(f"config key {key!r} = {value!r} (from {origin}) has the wrong type: "
                       f"expected {getattr(hint, '__name__', hint)}")
 

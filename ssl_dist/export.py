@@ -18,6 +18,13 @@ which builds the model), consolidated from the ZeRO shards with DeepSpeed's own
 checkpoint is checked first (complete, every file's digest matching), and nothing of it is
 unpickled.
 
+A timm encoder (model.arch=timm/<name>) is exported as timm's own model with no
+classifier, and its spec (format ssl_dist.timm/1) names what rebuilds it with timm alone:
+
+    spec = json.load(open("OUT/encoder.json"))
+    model = timm.create_model(spec["timm_name"], pretrained=False, num_classes=0, **spec["arch_kwargs"]).eval()
+    model.load_state_dict(safetensors.torch.load_file("OUT/encoder.safetensors"))
+
 An image-text checkpoint (method.name=clip or siglip) is exported by `export_clip`: both
 towers as open_clip itself loads them, plus the image tower as encoder.safetensors + .json.
 """
@@ -36,6 +43,7 @@ from ssl_dist import storage
 WEIGHTS = "encoder.safetensors"
 SPEC = "encoder.json"
 FORMAT = "ssl_dist.encoder/1"
+TIMM_FORMAT = "ssl_dist.timm/1"  # a timm encoder: rebuilt by timm.create_model, not torchvision
 # Every file name an export writes (this module's and export_clip's): what replacing an export removes.
 OWNED = {WEIGHTS, SPEC, "open_clip_model.safetensors", "open_clip_config.json"}
 
@@ -68,9 +76,13 @@ def resolve_checkpoint(url: str, options: dict | None = None, say=None):
 
 
 def encoder_state(model) -> dict[str, torch.Tensor]:
-    """The encoder's fp32 tensors under torchvision's names, with an identity `fc`."""
+    """The encoder's fp32 tensors under torchvision's names, with an identity `fc`; a timm
+    encoder's under timm's names as they are (timm's model with num_classes=0 has no
+    classifier to fill: its output already is the feature vector)."""
     state = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
              for k, v in model.encoder.state_dict().items()}
+    if _is_timm(model.encoder):
+        return state
     width = model.feature_dim
     state["fc.weight"] = torch.eye(width, dtype=torch.float32)
     state["fc.bias"] = torch.zeros(width, dtype=torch.float32)
@@ -95,23 +107,28 @@ def export_encoder(checkpoint_url: str, out_url: str, storage_options: dict | No
         from ssl_dist import export_clip
 
         return export_clip.export_image_text(model, cfg, info, out_url, storage_options)
-    spec = {
-        "format": FORMAT,
-        "arch": cfg.model.arch,
-        "feature_dim": model.feature_dim,
-        "cifar_stem": cfg.model.cifar_stem,
-        "stem_stride": cfg.model.stem_stride,
-        "width": cfg.model.width,
-        "fc": "identity: the model's output is the encoder's feature vector; replace model.fc for a classifier",
-        "stem_note": _stem_note(cfg.model),
-        "image_size": cfg.data.image_size,
-        "normalize": {"mean": list(MEAN), "std": list(STD)},
-        "checkpoint": info.url,
-        "step": info.step,
-        "torchvision": torchvision.__version__,
-    }
+    if _is_timm(model.encoder):
+        spec = {**_timm_spec(cfg.model, model), "image_size": cfg.data.image_size,
+                "normalize": {"mean": list(MEAN), "std": list(STD)}, "checkpoint": info.url, "step": info.step}
+    else:
+        spec = {
+            "format": FORMAT,
+            "arch": cfg.model.arch,
+            "feature_dim": model.feature_dim,
+            "cifar_stem": cfg.model.cifar_stem,
+            "stem_stride": cfg.model.stem_stride,
+            "width": cfg.model.width,
+            "fc": "identity: the model's output is the encoder's feature vector; replace model.fc for a classifier",
+            "stem_note": _stem_note(cfg.model),
+            "image_size": cfg.data.image_size,
+            "normalize": {"mean": list(MEAN), "std": list(STD)},
+            "checkpoint": info.url,
+            "step": info.step,
+            "torchvision": torchvision.__version__,
+        }
     with tempfile.TemporaryDirectory(prefix="ssl-dist-export-") as tmp:
-        save_file(encoder_state(model), str(Path(tmp) / WEIGHTS), metadata={"format": FORMAT, "arch": spec["arch"]})
+        save_file(encoder_state(model), str(Path(tmp) / WEIGHTS),
+                  metadata={"format": spec["format"], "arch": spec["arch"]})
         (Path(tmp) / SPEC).write_text(json.dumps(spec, indent=1))
         put_files(tmp, out_url, storage_options)
     return spec
@@ -138,17 +155,49 @@ def put_files(tmp: str, out_url: str, storage_options: dict | None = None) -> No
 
 def load_encoder(folder: str) -> torch.nn.Module:
     """The exported encoder of a local `folder` as a torchvision ResNet in eval mode (what the
-    README's snippet does, as a function, for any width and stem)."""
+    README's snippet does, as a function, for any width and stem), or as the timm model it
+    was (format ssl_dist.timm/1)."""
     from safetensors.torch import load_file
 
-    from ssl_dist.model import build_encoder
+    from ssl_dist.model import build_encoder, build_timm_encoder
 
     spec = json.loads((Path(folder) / SPEC).read_text())
+    if spec.get("format") == TIMM_FORMAT:
+        model, _ = build_timm_encoder(spec["timm_name"], spec["arch_kwargs"])
+        model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
+        return model.eval()
     model, feature_dim = build_encoder(spec["arch"], cifar_stem=spec["cifar_stem"],
                                        stem_stride=spec.get("stem_stride", 1), width=spec.get("width", 64))
     model.fc = torch.nn.Linear(feature_dim, feature_dim)  # the identity matrix, as exported
     model.load_state_dict(load_file(str(Path(folder) / WEIGHTS)))
     return model.eval()
+
+
+def _is_timm(encoder: torch.nn.Module) -> bool:
+    """Whether `encoder` is a timm model (model.arch=timm/<name>), not a torchvision one."""
+    return type(encoder).__module__.startswith("timm.")
+
+
+def _timm_spec(model_cfg, model) -> dict:
+    """What rebuilds a timm encoder with timm alone: its name, the kwargs it was built with and
+    no classifier. The ResNet options (cifar_stem, stem_stride, width) are not its own."""
+    import timm
+
+    from ssl_dist.model import TIMM_PREFIX
+
+    name = model_cfg.arch.removeprefix(TIMM_PREFIX)
+    return {
+        "format": TIMM_FORMAT,
+        "arch": model_cfg.arch,
+        "timm_name": name,
+        "arch_kwargs": dict(model_cfg.arch_kwargs),
+        "num_classes": 0,
+        "feature_dim": model.feature_dim,
+        "load": "model = timm.create_model(spec['timm_name'], pretrained=False, num_classes=0, **spec['arch_kwargs']); "
+                "model.load_state_dict(safetensors.torch.load_file('encoder.safetensors')): its output is the "
+                "encoder's feature vector; model.reset_classifier(n) adds a classifier",
+        "timm": timm.__version__,
+    }
 
 
 def _stem_note(model_cfg) -> str | None:

@@ -76,6 +76,8 @@ def preflight(cfg) -> tuple[dict, dict]:
     if not cfg.data.train_url:
         raise LaunchError("data.train_url is empty: set it to a folder of shards (with index.json), e.g. "
                           "data.train_url=s3://bucket/shards, or make some with `ssl-dist shards make SRC DEST`")
+    from ssl_dist import model  # (here: torch, and timm for a timm encoder, only once a run is started)
+    model.check_arch(cfg)  # a timm encoder no worker could build: its name, kwargs, image size
     data_options = storage.options_from_config(cfg.data.train_url, cfg.storage)
     storage_options = storage.options_from_config(cfg.run.storage_path, cfg.storage)
     storage.check_bucket(cfg.data.train_url, data_options)

@@ -1,21 +1,38 @@
-"""Encoder (torchvision ResNet) + projection head: images (B, 3, H, W) -> embeddings (B, D)."""
+"""Encoder (torchvision ResNet or any timm model) + projection head: images (B, 3, H, W) -> embeddings (B, D)."""
 
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
+# model.arch=timm/<name>: a timm model by its name in timm.list_models()
+TIMM_PREFIX = "timm/"
 
-def build_encoder(arch: str, *, cifar_stem: bool, stem_stride: int = 1, width: int = 64) -> tuple[nn.Module, int]:
-    """A torchvision ResNet without its classifier; returns (encoder, feature width).
+# torchvision and timm are imported where used: the driver imports this module for `check_arch`
+# and must not pay either (seconds of CPU) for a ResNet run.
 
-    The encoder maps (B, 3, H, W) images to (B, F) features. With `cifar_stem`, the 7x7/2
-    convolution and max-pool become one 3x3 convolution of stride `stem_stride`, the usual
-    change for 32 px images (otherwise a 32 px image is 1x1 after the stem and the encoder
-    learns little). `width` != 64 rebuilds the four stages with `width`, 2x, 4x and 8x
-    channels; module names stay torchvision's, so its state dicts keep their keys.
+
+def build_encoder(arch: str, *, cifar_stem: bool = True, stem_stride: int = 1, width: int = 64,
+                  arch_kwargs: dict | None = None) -> tuple[nn.Module, int]:
+    """An encoder without its classifier; returns (encoder, feature width F).
+
+    The encoder maps (B, 3, H, W) images to (B, F) features. `arch` is a torchvision ResNet
+    (resnet18/34/50) or timm/<name>: timm's model of that name, randomly initialised, with
+    `arch_kwargs` (e.g. img_size=32, patch_size=4 for a ViT on 32 px images) and no classifier
+    (num_classes=0: its pooled features, a ViT's class token). The ResNet options are only
+    the ResNets': a timm model's own kwargs say its stem and width, so `cifar_stem` is
+    ignored for it (`check_arch` refuses a `width` or `stem_stride` set with one).
+
+    ResNets: with `cifar_stem`, the 7x7/2 convolution and max-pool become one 3x3
+    convolution of stride `stem_stride`, the usual change for 32 px images (otherwise a 32 px
+    image is 1x1 after the stem and the encoder learns little). `width` != 64 rebuilds the
+    four stages with `width`, 2x, 4x and 8x channels; module names stay torchvision's, so its
+    state dicts keep their keys.
     """
+    if arch.startswith(TIMM_PREFIX):
+        return build_timm_encoder(arch.removeprefix(TIMM_PREFIX), arch_kwargs or {})
+    import torchvision
+
     net = getattr(torchvision.models, arch)(weights=None)
     if width != 64:
         _rebuild_stages(net, width)
@@ -28,7 +45,23 @@ def build_encoder(arch: str, *, cifar_stem: bool, stem_stride: int = 1, width: i
     return net, feature_dim
 
 
-def _rebuild_stages(net: torchvision.models.ResNet, width: int) -> None:
+def build_timm_encoder(name: str, arch_kwargs: dict) -> tuple[nn.Module, int]:
+    """timm's model `name` with `arch_kwargs`, no pretrained weights and no classifier; returns
+    (encoder, F). What the export's spec says to call to rebuild it."""
+    import timm
+
+    net = timm.create_model(name, pretrained=False, num_classes=0, **arch_kwargs)
+    return net, timm_feature_dim(net)
+
+
+def timm_feature_dim(net: nn.Module) -> int:
+    """The width of a classifier-less timm model's output: its pre-logits width where a head
+    layer follows the pooling (timm's head_hidden_size: MobileNetV3's conv head, 576 -> 1024
+    in mobilenetv3_small_100), else its num_features."""
+    return getattr(net, "head_hidden_size", None) or net.num_features
+
+
+def _rebuild_stages(net, width: int) -> None:
     """Stem and stages of `net` at `width` base channels instead of 64, initialised as torchvision does."""
     from torchvision.models.resnet import conv1x1
 
@@ -68,9 +101,10 @@ class ContrastiveModel(nn.Module):
     used by evaluation and export."""
 
     def __init__(self, arch: str = "resnet18", *, cifar_stem: bool = True, stem_stride: int = 1, width: int = 64,
-                 proj_hidden_dim: int = 512, proj_dim: int = 128):
+                 proj_hidden_dim: int = 512, proj_dim: int = 128, arch_kwargs: dict | None = None):
         super().__init__()
-        self.encoder, feature_dim = build_encoder(arch, cifar_stem=cifar_stem, stem_stride=stem_stride, width=width)
+        self.encoder, feature_dim = build_encoder(arch, cifar_stem=cifar_stem, stem_stride=stem_stride, width=width,
+                                                  arch_kwargs=arch_kwargs)
         self.head = ProjectionHead(feature_dim, proj_hidden_dim, proj_dim)
         self.feature_dim = feature_dim
 
@@ -87,7 +121,73 @@ def build_model(model_cfg) -> ContrastiveModel:
     """The model described by a `config.ModelConfig`."""
     return ContrastiveModel(model_cfg.arch, cifar_stem=model_cfg.cifar_stem, stem_stride=model_cfg.stem_stride,
                             width=model_cfg.width, proj_hidden_dim=model_cfg.proj_hidden_dim,
-                            proj_dim=model_cfg.proj_dim)
+                            proj_dim=model_cfg.proj_dim, arch_kwargs=model_cfg.arch_kwargs)
+
+
+def encoder_of(model_cfg) -> tuple[nn.Module, int]:
+    """(encoder, F) described by a `config.ModelConfig`: `build_encoder` with all its options
+    (for a method that builds encoders of its own, e.g. a momentum encoder)."""
+    return build_encoder(model_cfg.arch, cifar_stem=model_cfg.cifar_stem, stem_stride=model_cfg.stem_stride,
+                         width=model_cfg.width, arch_kwargs=model_cfg.arch_kwargs)
+
+
+def check_arch(cfg) -> None:
+    """ConfigError, before any worker starts, for a timm encoder that no worker could build:
+    a name timm does not know (naming the closest ones), kwargs its model does not take,
+    images of data.image_size it cannot read, or the ResNet-only model.width / stem_stride
+    set with it. Called on the driver (launch.preflight); nothing to check for a ResNet.
+
+    The model is built and run on the meta device (shapes only: no memory, no compute), so
+    a ViT-H costs the driver what a tiny one does. A failure that only the meta device
+    causes (an op without a meta kernel, a `.item()`) says nothing about the config and is
+    let through: the workers build the real model.
+    """
+    from ssl_dist.config import ConfigError
+
+    arch, kwargs = cfg.model.arch, cfg.model.arch_kwargs
+    if not arch.startswith(TIMM_PREFIX):
+        return
+    for key, default in (("width", 64), ("stem_stride", 1)):
+        if getattr(cfg.model, key) != default:
+            raise ConfigError(f"model.{key}={getattr(cfg.model, key)} is an option of the ResNet encoders, and "
+                              f"model.arch={arch} is a timm model: remove it, and size the model through "
+                              f"model.arch_kwargs (e.g. embed_dim, depth, patch_size for a ViT)")
+    import timm
+
+    name = arch.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(name):
+        raise ConfigError(f"model.arch={arch}: timm has no model {name!r}; {_closest_timm_names(name)}")
+    shown = f"model.arch={arch} with model.arch_kwargs={kwargs}" if kwargs else f"model.arch={arch}"
+    try:
+        with torch.device("meta"):
+            net = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:  # what timm raises for kwargs it cannot use
+        raise ConfigError(f"{shown}: timm cannot build it ({err}): fix model.arch_kwargs") from None
+    except (RuntimeError, NotImplementedError):
+        return
+    size = cfg.data.image_size
+    try:
+        with torch.device("meta"), torch.no_grad():
+            net.eval()(torch.empty(2, 3, size, size))  # eval: a BatchNorm's batch checks are not the config's
+    except (ValueError, AssertionError) as err:  # timm's own checks of the input (a ViT's img_size)
+        raise ConfigError(f"{shown} cannot read data.image_size={size} px images ({err}): build it for them, "
+                          f"e.g. model.arch_kwargs={{img_size: {size}}} for a ViT") from None
+    except (RuntimeError, NotImplementedError):
+        return
+
+
+def _closest_timm_names(name: str) -> str:
+    """The part of a message that says which timm names `name` may have meant."""
+    import difflib
+
+    import timm
+
+    names = timm.list_models()
+    close = difflib.get_close_matches(name.split(".")[0], names, n=5)
+    if close:
+        return "the closest are " + ", ".join(TIMM_PREFIX + n for n in close)
+    return (f"see timm.list_models() ({len(names)} names, e.g. timm/vit_small_patch16_224, timm/resnet50, "
+            f"timm/convnext_tiny)")
 
 
 # ---- image-text towers (CLIP, SigLIP): open_clip's model definitions -------------------------
