@@ -1,4 +1,5 @@
-"""DeepSpeed engine from the typed config: ZeRO stage, precision, optimizer, LR schedule.
+"""DeepSpeed engine from the typed config: ZeRO stage, precision, optimizer, LR schedule and
+the batch-scaling rule (lr_rule.py).
 
 The optimizer is a plain torch optimizer handed to DeepSpeed (DeepSpeed's fused ones need
 a GPU); ZeRO partitions its state all the same.
@@ -9,6 +10,9 @@ from __future__ import annotations
 import math
 
 import torch
+
+from ssl_dist.lr_rule import lr_scale
+from ssl_dist.param_groups import decay_groups, param_groups  # noqa: F401 (decay_groups: engine's name too)
 
 
 def deepspeed_config(cfg, world_size: int, micro_batch: int | None = None) -> dict:
@@ -38,19 +42,19 @@ def deepspeed_config(cfg, world_size: int, micro_batch: int | None = None) -> di
     return ds
 
 
-def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two parameter groups: matrices and kernels decay by `weight_decay`; biases, norm gains
-    and a method's scalars (CLIP's logit scale, SigLIP's bias: every tensor of fewer than 2
-    dims) do not, as in SimCLR's and CLIP's recipes. Decay on a log temperature would pull
-    it to 0 (a scale of 1) all run long; on a norm's gain it fights the normalisation."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return [group for group in groups if group["params"]]  # ZeRO flattens each group: none empty
+def build_optimizer(model: torch.nn.Module, optim_cfg, *, partitioned: bool = False) -> torch.optim.Optimizer:
+    """AdamW, SGD with momentum, or timm's LARS (SGD momentum with layer-wise trust ratios)
+    over `model`'s parameters, biases and norm weights neither decayed nor adapted
+    (`param_groups`). `partitioned`: the engine hands the optimizer slices of each group
+    (ZeRO, or DeepSpeed's bf16 optimizer), so LARS takes one group per matrix and the
+    norms of the whole layer (`lars.PartitionedLars`); its `step` is then collective."""
+    if optim_cfg.name == "lars":
+        from timm.optim import Lars
 
+        from ssl_dist.lars import PartitionedLars
 
-def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
-    """AdamW or SGD with momentum over `model`'s parameters (`decay_groups`)."""
+        groups = param_groups(model, optim_cfg.weight_decay, lars=True, per_parameter=partitioned)
+        return (PartitionedLars if partitioned else Lars)(groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum)
     groups = decay_groups(model, optim_cfg.weight_decay)
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.lr)
@@ -74,6 +78,12 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, micro_batch: int 
     Returns the engine; its optimizer, LR scheduler and ZeRO partitions come with it and
     are saved/restored by `ssl_dist.checkpoint`. Every collective of the engine's groups
     fails after run.collective_timeout_s.
+
+    The schedule's peak is optim.lr scaled by optim.lr_scaling at this engine's global batch
+    (micro_batch x world_size x train.accumulate). The scale lives in the schedule's factor,
+    not in its base lrs (optim.lr, which a checkpoint's scheduler state carries): restored
+    after a restart on another global batch, the schedule follows the new one once
+    `follow_schedule` has put the restored optimizer's lr in line.
     """
     from datetime import timedelta
 
@@ -83,13 +93,33 @@ def build_engine(model: torch.nn.Module, cfg, world_size: int, micro_batch: int 
 
     deepspeed.init_distributed(dist_backend="nccl" if cfg.run.use_gpu else "gloo",
                                timeout=timedelta(seconds=cfg.run.collective_timeout_s))
-    optimizer = build_optimizer(model, cfg.optim)
+    partitioned = cfg.train.zero_stage > 0 or cfg.train.precision == "bf16"  # DeepSpeed flattens the groups
+    optimizer = build_optimizer(model, cfg.optim, partitioned=partitioned)
+    global_batch = (micro_batch or cfg.data.batch_size) * world_size * cfg.train.accumulate
+    scale = lr_scale(cfg.optim.lr_scaling, global_batch, cfg.optim.base_batch)
     schedule = lambda opt: torch.optim.lr_scheduler.LambdaLR(  # noqa: E731 (DeepSpeed calls it with its optimizer)
-        opt, lambda step: lr_factor(step, warmup_steps=cfg.optim.warmup_steps, max_steps=cfg.train.max_steps,
-                                    schedule=cfg.optim.schedule))
+        opt, lambda step: scale * lr_factor(step, warmup_steps=cfg.optim.warmup_steps,
+                                            max_steps=cfg.train.max_steps, schedule=cfg.optim.schedule))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                            config=deepspeed_config(cfg, world_size, micro_batch))
     # DeepSpeed reduces gradients on a copy of the world group that it makes with torch's
     # default timeout (30 minutes under gloo), not the one the default group was given.
     bound_every_group(cfg.run.collective_timeout_s)
     return engine
+
+
+def follow_schedule(engine) -> list[float]:
+    """After a restore, every rank: set the optimizer's learning rates to what this engine's
+    schedule gives at the restored step, and return them.
+
+    A checkpoint's optimizer state carries the lr its own schedule had set for the next step;
+    the schedule's base lrs and step come back with it, but its factor (warm-up, decay and the
+    optim.lr_scaling scale) is this engine's, and LambdaLR applies it only at its next step,
+    after the first optimizer step of the restart. Without this, that first step would still
+    run at the old global batch's scale. Where nothing changed it sets what was there.
+    """
+    scheduler = engine.lr_scheduler
+    rates = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = lr
+    return rates

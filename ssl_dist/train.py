@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from ssl_dist import checkpoint, collective, data, methods, records, tracking
 from ssl_dist.config import Config
-from ssl_dist.engine import build_engine
+from ssl_dist.engine import build_engine, follow_schedule
+from ssl_dist.lr_rule import restart_note
 from ssl_dist.live_eval import eval_storage_options, eval_templates, knn_during_training, zero_shot_during_training
 from ssl_dist.metrics import MetricsLog, attempt_name
 from ssl_dist.step import optimizer_step
@@ -206,6 +207,11 @@ def start(loop_config: dict) -> Run:
             resharded = (f", resharded from {resume.info.world_size} to {world} workers"
                          if resume.info.world_size != world else "")
             say(f"resumed from step {state.step} (epoch {loader.epoch}) of {resume.info.name}{resharded}")
+        follow_schedule(engine)  # optim.lr_scaling at this global batch from the first step on
+        note = restart_note(cfg.optim, old_batch=resume.info.step_batch,
+                            new_batch=loader.layout.global_batch * cfg.train.accumulate)
+        if note and rank == 0:
+            say(note)
 
     attempt = records.AttemptLog(run_url, rank=rank, start_step=state.step, attempt_id=resume.attempt_id,
                                  world_size=world, resumed_from=resume.info.name if resume.info else None,

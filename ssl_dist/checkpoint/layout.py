@@ -127,6 +127,14 @@ class CheckpointInfo:
         return int(self.meta.get("zero_stage", self.meta["config"]["train"]["zero_stage"]))
 
     @property
+    def step_batch(self) -> int:
+        """Samples per optimizer step of the attempt that wrote it: its loader's global batch on
+        its world size times its train.accumulate (what optim.lr_scaling scaled by)."""
+        meta = self.meta
+        loader_batch = meta.get("global_batch") or self.global_batch
+        return int(loader_batch) * int(meta["config"].get("train", {}).get("accumulate", 1))
+
+    @property
     def global_batch(self) -> int:
         """The global batch the run asked for (kept over restarts on other world sizes), as
         recorded; checkpoints older than target_global_batch ran on their configured one."""
