@@ -39,12 +39,15 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("train.max_steps=ten", "expected int"),
     ("train.max_steps=1.5", "expected int"),
     ("run.use_gpu=3", "expected bool"),
-    ("model.arch=vgg", "allowed values are 'resnet18', 'resnet34', 'resnet50'"),
+    ("model.arch=vgg", "allowed values are resnet18, resnet34, resnet50, or timm/<name>"),
+    ("model.arch_kwargs={img_size: 32}", "model.arch=resnet18 takes none"),
+    ("method.momentum=1.5", "must be between 0 and 1"),
+    ("optim.base_batch=0", "must be at least 1"),
     ("train.zero_stage=4", "allowed values are 0, 1, 2, 3"),
     ("data.batch_size=0", "must be at least 1"),
     ("train=3", "is a section"),
     ("max_steps", "not of the form section.key=value"),
-    ("method.name=byol", "allowed values are simclr, clip, siglip, or package.module:Class"),
+    ("method.name=byol", "allowed values are simclr, mocov3, rotnet, clip, siglip, or package.module:Class"),
     ("loss.name=nt_xent", "loss.name was removed: the method decides its loss"),
 ])
 def test_wrong_values_are_one_clear_error(override, expected):

@@ -212,6 +212,34 @@ def load_universal(engine, directory: str | Path, *, url: str | None = None) -> 
         for name, buffer in engine.module.named_buffers():
             if name in module_state:
                 buffer.copy_(module_state[name])
+    _load_frozen_parameters(engine, directory / TAG, module_state)
+
+
+@torch.no_grad()
+def _load_frozen_parameters(engine, folder: Path, module_state: dict) -> None:
+    """The module's frozen parameters (a method's momentum encoder), which DeepSpeed's universal
+    checkpoint leaves out (it holds the optimizer's parameters only): whole in rank 0's model
+    states under ZeRO 0-2; under ZeRO-3 one partition per old rank in each one's model states
+    (`frozen_param_fragments`), joined here and cut again into this rank's partition."""
+    frozen = {name: p for name, p in engine.module.named_parameters() if not p.requires_grad}
+    if not frozen:
+        return
+    shards = sorted(folder.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"),
+                    key=lambda f: int(re.search(r"zero_pp_rank_(\d+)_", f.name).group(1)))
+    fragments = [torch.load(f, map_location="cpu", weights_only=True).get("frozen_param_fragments") or {}
+                 for f in shards]
+    for name, param in frozen.items():
+        if not hasattr(param, "ds_tensor"):  # ZeRO 0-2: whole on every rank
+            param.data.copy_(module_state[name])
+            continue
+        whole = torch.cat([f[name].flatten() for f in fragments])[: param.ds_numel]
+        size = param.ds_tensor.numel()
+        start = dist.get_rank(param.ds_process_group) * size
+        part = torch.zeros(size, dtype=whole.dtype)
+        part[: max(0, min(size, whole.numel() - start))] = whole[start : start + size]
+        param.ds_tensor.copy_(part)
+        if param.data.numel():  # kept whole on every rank too (a small, persistent one)
+            param.data.copy_(whole.view(param.ds_shape))
 
 
 def set_rng_state(state: dict) -> None:

@@ -1,4 +1,4 @@
-"""Contrastive losses whose negatives come from every rank: NT-Xent, CLIP InfoNCE, SigLIP.
+"""Contrastive losses whose negatives come from every rank: NT-Xent, CLIP InfoNCE, MoCo v3, SigLIP.
 
 Contract (DESIGN.md, "Loss"): every rank of the process group calls the loss with its own
 local (n, D) embeddings and gets back *its* scalar loss, the mean over its own anchors (with
@@ -14,13 +14,15 @@ samples. A rank's loss is not the global loss, only the mean over ranks is: log 
 
 Files: `gather.py` (the process group and the autograd-aware gather), `numerics.py` (dtypes
 and chunks every loss shares), `softmax.py` (NT-Xent and CLIP: row log-sum-exp computed with
-its gradient in the forward), `sigmoid.py` (SigLIP, negatives passed around a ring).
+its gradient in the forward), `infonce.py` (MoCo v3: queries against gathered momentum keys,
+no gradient through the keys), `sigmoid.py` (SigLIP, negatives passed around a ring).
 """
 
 from __future__ import annotations
 
 from ssl_dist.loss.gather import gather, rank_and_world
+from ssl_dist.loss.infonce import moco_infonce
 from ssl_dist.loss.sigmoid import siglip_loss
 from ssl_dist.loss.softmax import CLIP_MAX_LOGIT_SCALE, clip_loss, nt_xent
 
-__all__ = ["CLIP_MAX_LOGIT_SCALE", "clip_loss", "gather", "nt_xent", "rank_and_world", "siglip_loss"]
+__all__ = ["CLIP_MAX_LOGIT_SCALE", "clip_loss", "gather", "moco_infonce", "nt_xent", "rank_and_world", "siglip_loss"]

@@ -13,6 +13,8 @@ from ssl_dist.methods.base import Method
 # Built-in name -> "module:Class"; the names are also config.BUILTIN_METHODS.
 BUILTIN = {
     "simclr": "ssl_dist.methods.simclr:SimCLR",
+    "mocov3": "ssl_dist.methods.mocov3:MoCoV3",
+    "rotnet": "ssl_dist.methods.rotnet:RotNet",
     "clip": "ssl_dist.methods.clip:CLIP",
     "siglip": "ssl_dist.methods.clip:SigLIP",
 }

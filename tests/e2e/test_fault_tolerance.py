@@ -32,6 +32,7 @@ from runs import (finish, keys_per_step, kill_a_worker_and_finish, ssl_dist_cli,
 from services import free_port
 
 from ssl_dist import checkpoint, metrics, storage
+from ssl_dist.engine import lr_factor
 
 MAX_STEPS = 12  # 6 global batches of 32 per epoch (200 samples, 8 dropped): 2 epochs
 EVERY = 4
@@ -40,6 +41,8 @@ RUN = [
     "model.cifar_stem=false", "model.proj_hidden_dim=128", "model.proj_dim=32",
     "optim.lr=0.002", "optim.warmup_steps=3", "train.log_every=1", "train.log_keys=true",
     f"train.checkpoint_every={EVERY}", "run.cpus_per_worker=1", "run.keep_checkpoints=2", "run.max_failures=2",
+    # the lr follows the global batch; at 2 workers x 16 the scale is exactly 1
+    "optim.lr_scaling=linear", "optim.base_batch=32",
 ]
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -184,6 +187,26 @@ def test_killed_worker_at_zero3_resumes_as_if_nothing_happened(cifar_shards_s3, 
     drop(url)
 
 
+def test_killed_worker_in_a_mocov3_run_leaves_online_and_momentum_parameters_as_without_the_kill(cifar_shards_s3,
+                                                                                               ray_address):
+    """MoCo v3 at ZeRO-3: the momentum encoder (frozen, partitioned, updated per partition) and its
+    update count are in the checkpoint, so the restarted group continues the EMA and its schedule
+    exactly: final online *and* momentum parameters are those of the failure-free run."""
+    mocov3 = ("method.name=mocov3", "model.width=16", "method.momentum=0.9")
+    reference = run_url(cifar_shards_s3, "mocov3-reference")
+    finish(start(args_for(cifar_shards_s3, "mocov3-reference", *mocov3, stage=3), ray_address))
+    url = run_url(cifar_shards_s3, "mocov3-killed")
+    driver = start(args_for(cifar_shards_s3, "mocov3-killed", *mocov3, stage=3), ray_address)
+    kill_a_worker_and_finish(url, driver, ray_address, steps=MAX_STEPS, every=EVERY)
+    assert_same_run(url, reference)  # every tensor of the module's state: online and momentum branches
+    state = final_state(url)
+    assert int(state["momentum_updates"]) == MAX_STEPS
+    online, momentum = state["encoder.conv1.weight"], state["momentum.encoder.conv1.weight"]
+    assert not torch.allclose(online, momentum)  # a momentum encoder of its own, not the online one
+    drop(url)
+    drop(reference)
+
+
 # ---- another number of workers -------------------------------------------------------------
 
 
@@ -219,6 +242,13 @@ def test_two_worker_checkpoint_resumes_on_other_worker_counts_exactly_once(worke
     global_batch = 32 if workers == 1 else 30
     if workers == 3:  # 32 does not divide by 3: the default policy rounds down, and says so
         assert "global batch of 32 does not divide among 3 workers" in output and "a global batch of 30" in output
+        # and the lr rule follows the new batch: the log says so, every row after it shows it
+        assert "global batch 32 -> 30: optim.lr_scaling=linear moves the peak lr 0.002 -> 0.001875" in output
+    else:
+        assert "optim.lr_scaling=linear moves" not in output  # the same global batch: the same lr
+    rows = metrics.read_history(url)[0]
+    factors = [lr_factor(int(r["step"]), warmup_steps=3, max_steps=steps, schedule="cosine") for r in rows]
+    assert [float(r["lr"]) for r in rows] == pytest.approx([0.002 * global_batch / 32 * f for f in factors], rel=1e-5)
 
     # Epoch 1: its first 2 steps by the 2-worker run, the rest by this one: every sample once.
     before = [k for step, ranks in keys_per_step(reference).items() if 6 < step <= mid for keys in ranks
