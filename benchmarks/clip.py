@@ -58,7 +58,6 @@ Targets (from the issue) are printed beside the results as pass/fail; nothing is
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import random
