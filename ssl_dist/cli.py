@@ -158,6 +158,19 @@ def cmd_evaluate(args) -> None:
         print(json.dumps(scores))
 
 
+def cmd_finetune(args) -> None:
+    from ssl_dist import finetune
+
+    settings = finetune.FinetuneSettings(label_fraction=args.label_fraction, seed=args.seed, epochs=args.epochs,
+                                         batch_size=args.batch_size, lr=args.lr, num_workers=args.workers,
+                                         cpus_per_worker=args.cpus_per_worker, use_gpu=args.use_gpu)
+    results = finetune.finetune(args.checkpoint, args.train, args.test, settings, out=args.out, head_url=args.head,
+                                address=args.address)
+    print(f"fine-tune top-1 ({args.label_fraction:g} of the labels, {results['subset_samples']} samples): "
+          f"{results['top1']:.4f}  (same fine-tune from random initialisation: {results['top1_random_init']:.4f})")
+    print(f"subset and results: {results['out']}")
+
+
 def cmd_submit(args) -> int:
     from ssl_dist import config, submit
 
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_commands(sub)
     add_sweep_command(sub)
     add_checkpoint_commands(sub)
+    add_finetune_command(sub)
     add_job_commands(sub)
     add_shard_commands(sub)
     return parser
@@ -343,6 +357,34 @@ def add_checkpoint_commands(sub) -> None:
     p.add_argument("--probe-c", type=float, default=1.0, help="inverse L2 strength of the probe (default: %(default)s)")
     p.add_argument("--probe-max-iter", type=int, default=1000, help="solver iterations of the probe (default: %(default)s)")
     p.set_defaults(handler=cmd_evaluate)
+
+
+def add_finetune_command(sub) -> None:
+    """finetune: the encoder and a linear head on a fraction of the labels, on Ray Train workers."""
+    p = sub.add_parser("finetune", help="fine-tune a checkpoint's whole encoder with a linear head on a class-stratified "
+                                        "fraction of labeled shards (Ray Train workers); top-1 on the test set next to "
+                                        "the same fine-tune from random initialisation")
+    p.add_argument("checkpoint", help="checkpoint folder URL (…/checkpoint-NNNNNNNN), or a run folder (its newest "
+                                      "complete checkpoint)")
+    p.add_argument("--train", required=True, help="labeled shards the subset is drawn from")
+    p.add_argument("--test", required=True, help="labeled shards the top-1 is measured on")
+    p.add_argument("--label-fraction", type=float, required=True, metavar="F",
+                   help="fraction of each class's labels kept, in (0, 1], e.g. 0.01, 0.1, 1.0 (rounded down per class)")
+    p.add_argument("--seed", type=int, default=0, help="draws the subset, the head and the order (default: %(default)s)")
+    p.add_argument("--epochs", type=positive_int, default=30, help="passes over the subset (default: %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="per worker (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD (Nesterov, momentum 0.9) learning rate, cosine decay "
+                                                          "(default: %(default)s)")
+    p.add_argument("--workers", type=positive_int, default=1, help="Ray Train workers (default: %(default)s)")
+    p.add_argument("--cpus-per-worker", type=positive_int, default=1, help="(default: %(default)s)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    p.add_argument("--head", metavar="FILE", help="safetensors with 'weight' (classes, features) and 'bias': the "
+                                                  "pretrained arm's linear head starts there (e.g. a linear probe's, "
+                                                  "LP-FT); the random-init arm always starts from a fresh head")
+    p.add_argument("--out", help="folder for subset.json, results.json and the workers' key lists (default: "
+                                 "<run folder>/finetune-<fraction>-seed<seed>)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+    p.set_defaults(handler=cmd_finetune)
 
 
 def add_job_commands(sub) -> None:
