@@ -2,17 +2,26 @@
 plain single-process PyTorch SimCLR loop, with the same wall-clock budget each.
 
     python benchmarks/cifar10.py [--minutes 20] [--eval-train 50000] [--eval-test 10000]
+    python benchmarks/cifar10.py --methods simclr,mocov3,rotnet,simclr@vit,mocov3@vit [--minutes 20]
 
 Both runs use the same encoder, two-view augmentation, NT-Xent, optimizer and schedule
 (warm-up then constant: with a time budget neither knows its number of steps) and the same
 global batch. Prints samples/s, kNN top-1 (k = 200, cosine, neighbours from the train set)
 and linear-probe top-1 on the test set for each and for the encoder at random
 initialisation, the ratios ssl_dist / plain, and ssl_dist's per-step time breakdown.
+
+With `--methods`, the method table instead: each METHOD[@ENCODER] pretrained by ssl_dist for
+the same wall clock (ENCODER: `resnet`, the CPU ResNet of cifar10.yaml, or `vit`, `--vit-arch`
+with `--vit-kwargs`, patch 4 at 32 px), then scored by `ssl_dist.evaluate.evaluate_checkpoint`
+(kNN top-1 and a linear probe fit on the train images, scored on the test images) and
+fine-tuned (`ssl_dist.finetune`) on `--finetune-fractions` of the train images' labels, each
+next to the same encoder at random initialisation.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -58,11 +67,11 @@ def make_shards() -> dict:
 # ---- run 1: ssl_dist ------------------------------------------------------------------------
 
 
-def run_ssl_dist(urls: dict, minutes: float, overrides: list[str]) -> dict:
+def run_ssl_dist(urls: dict, minutes: float, overrides: list[str], name: str = "cifar10-bench") -> dict:
     from ssl_dist import config, metrics
 
     cfg = config.load(CONFIG, [f"data.train_url={urls['train']}", "run.storage_path=s3://bench/runs",
-                               "run.name=cifar10-bench", f"train.max_minutes={minutes}", "train.max_steps=1000000",
+                               f"run.name={name}", f"train.max_minutes={minutes}", "train.max_steps=1000000",
                                "optim.schedule=constant", "train.checkpoint_every=0", *overrides])
     args = [f"{k}={v}" for k, v in flatten(config.to_dict(cfg)).items()]
     cpu_before, started = psutil.cpu_times(), time.monotonic()
@@ -71,7 +80,7 @@ def run_ssl_dist(urls: dict, minutes: float, overrides: list[str]) -> dict:
     cpu_busy = busy_share(cpu_before, psutil.cpu_times())
     if done.returncode != 0:
         raise SystemExit(f"ssl_dist run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    rows = metrics.read_history("s3://bench/runs/cifar10-bench")[-1]
+    rows = metrics.read_history(f"s3://bench/runs/{name}")[-1]
     checkpoint = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("newest checkpoint")][-1]
     steady = rows[len(rows) // 5:] or rows  # skip the first fifth: start-up and warm-up
     phases = {k: sum(float(r[k]) for r in steady) for k in rows[0] if k.startswith("time_")}
@@ -80,14 +89,10 @@ def run_ssl_dist(urls: dict, minutes: float, overrides: list[str]) -> dict:
             "checkpoint": "s3://" + checkpoint.removeprefix("s3://"), "config": cfg}
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def flatten(d: dict) -> dict:
+    """{"section.key": value} of a config dict; a dict value (model.arch_kwargs) as JSON, one override."""
+    return {f"{section}.{k}": json.dumps(v) if isinstance(v, dict) else v
+            for section, values in d.items() for k, v in values.items()}
 
 
 def busy_share(before, after) -> float:
@@ -203,35 +208,150 @@ def scores(model, urls: dict, args, image_size: int) -> dict:
     return out
 
 
+# ---- the method table (--methods) --------------------------------------------------------------
+
+
+def encoder_overrides(encoder: str, args) -> list[str]:
+    """Config overrides of an encoder name of --methods: resnet (cifar10.yaml's own) or vit."""
+    if encoder == "resnet":
+        return []
+    if encoder == "vit":  # the ResNet-only options back at their defaults: check_arch refuses them with timm
+        return [f"model.arch={args.vit_arch}", f"model.arch_kwargs={args.vit_kwargs}", "model.width=64",
+                "model.stem_stride=1"]
+    raise SystemExit(f"--methods: unknown encoder {encoder!r} (resnet or vit, as METHOD@vit)")
+
+
+def eval_sets(urls: dict, args, workdir: Path) -> dict:
+    """Labeled shards of the first --eval-train / --eval-test images (per class), or the whole
+    sets: what evaluate_checkpoint and the fine-tunes read."""
+    from cifar import cifar_slice
+
+    from ssl_dist.shards import make_shards
+
+    out = {}
+    for split, count, full in (("train", args.eval_train, 50000), ("test", args.eval_test, 10000)):
+        if count >= full:
+            out[split] = urls[split]
+            continue
+        folder = cifar_slice(workdir / f"eval-{split}", per_class=max(count // 10, 1), split=split)
+        out[split] = f"s3://bench/cifar10/eval-{split}"
+        make_shards(str(folder), out[split], samples_per_shard=5000, workers=2)
+    return out
+
+
+def finetune_scores(checkpoint: str, sets: dict, args, name: str) -> dict:
+    """{fraction: (top1, top1 at random init)} of `ssl_dist.finetune`, "error" where it failed
+    (the error is printed)."""
+    from ssl_dist import finetune
+
+    fractions = [float(f) for f in args.finetune_fractions.split(",") if f]
+    found = {}
+    for fraction in fractions:
+        settings = finetune.FinetuneSettings(label_fraction=fraction, epochs=args.finetune_epochs, num_workers=2)
+        try:
+            result = finetune.finetune(checkpoint, sets["train"], sets["test"], settings,
+                                       out=f"s3://bench/finetune/{name}-{fraction:g}", say=lambda line: None)
+            found[fraction] = (result["top1"], result["top1_random_init"])
+        except Exception as err:  # a benchmark row, not the end of the table
+            print(f"fine-tune {name} at {fraction:g}: {type(err).__name__}: {err}", flush=True)
+            found[fraction] = "error"
+    return found
+
+
+def run_methods(urls: dict, args) -> list[dict]:
+    """Each METHOD[@ENCODER] of --methods pretrained for --minutes, then scored: one row each."""
+    from ssl_dist.evaluate import evaluate_checkpoint
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cifar-eval-") as tmp:
+        sets = eval_sets(urls, args, Path(tmp))
+        for spec in args.methods.split(","):
+            method, _, encoder = spec.partition("@")
+            encoder = encoder or "resnet"
+            name = f"cifar10-{method}-{encoder}"
+            print(f"{method} ({encoder}): {args.minutes} min ...", flush=True)
+            run = run_ssl_dist(urls, args.minutes, [f"method.name={method}", *encoder_overrides(encoder, args),
+                                                    *args.overrides], name=name)
+            print(f"{method} ({encoder}): evaluating ...", flush=True)
+            scores = evaluate_checkpoint(run["checkpoint"], sets["train"], sets["test"])
+            rows.append({"method": method, "encoder": encoder, "arch": run["config"].model.arch, "run": run,
+                         "scores": scores, "finetune": finetune_scores(run["checkpoint"], sets, args, name)})
+    return rows
+
+
+def report_methods(args, rows: list[dict]) -> None:
+    fractions = [float(f) for f in args.finetune_fractions.split(",") if f]
+
+    def cell(value, arm: int) -> str:
+        return value if isinstance(value, str) else f"{value[arm]:.3f}"
+
+    print(f"\nCIFAR-10 methods, {args.minutes:g} min each; kNN (k = 200) and linear probe over {args.eval_train} "
+          f"train / {args.eval_test} test images; fine-tune on a fraction of the train labels\n")
+    print("| method | encoder | steps | samples/s | kNN top-1 | linear probe |"
+          + "".join(f" fine-tune {100 * f:g}% |" for f in fractions))
+    print("|---|---|---|---|---|---|" + "---|" * len(fractions))
+    seen = set()
+    for row in rows:
+        r, s = row["run"], row["scores"]
+        print(f"| {row['method']} | {row['arch']} | {r['steps']} | {r['samples_per_s']:.1f} | {s['knn_top1']:.3f} | "
+              f"{s['linear_top1']:.3f} |" + "".join(f" {cell(row['finetune'][f], 0)} |" for f in fractions))
+    for row in rows:  # one random-init row per encoder: every method builds it from the same seed
+        if row["arch"] in seen:
+            continue
+        seen.add(row["arch"])
+        s = row["scores"]
+        print(f"| random init | {row['arch']} | - | - | {s['knn_top1_random_init']:.3f} | "
+              f"{s['linear_top1_random_init']:.3f} |" + "".join(f" {cell(row['finetune'][f], 1)} |" for f in fractions))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget of each run")
     parser.add_argument("--eval-train", type=int, default=50000, help="train images for the kNN neighbours")
     parser.add_argument("--eval-test", type=int, default=10000, help="test images for kNN queries and the probe")
+    parser.add_argument("--methods", default="", help="the method table instead of the plain-loop comparison: "
+                        "METHOD[@ENCODER],... e.g. simclr,mocov3,rotnet,simclr@vit,mocov3@vit")
+    parser.add_argument("--vit-arch", default="timm/vit_tiny_patch16_224", help="model.arch of the vit encoder")
+    parser.add_argument("--vit-kwargs", default="{img_size: 32, patch_size: 4}", help="its model.arch_kwargs")
+    parser.add_argument("--finetune-fractions", default="0.01,0.1", help="label fractions of the fine-tune "
+                        "columns (empty: none)")
+    parser.add_argument("--finetune-epochs", type=int, default=30, help="epochs of each fine-tune")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs (e.g. data.batch_size=64)")
     args = parser.parse_args()
-
-    from ssl_dist.evaluate import load_checkpoint_model
-    from ssl_dist.model import build_model
 
     proc, _ = start_s3()
     try:
         urls = make_shards()
-        print(f"ssl_dist: {args.minutes} min ...", flush=True)
-        ours = run_ssl_dist(urls, args.minutes, args.overrides)
-        cfg = ours["config"]
-        print(f"plain loop: {args.minutes} min ...", flush=True)
-        with tempfile.TemporaryDirectory(prefix="cifar-plain-") as tmp:
-            plain, plain_model = run_plain(cfg, args.minutes, Path(tmp))
-        print("evaluating ...", flush=True)
-        ours_model, _ = load_checkpoint_model(ours["checkpoint"])
-        torch.manual_seed(cfg.train.seed)
-        results = {"ssl_dist": scores(ours_model, urls, args, cfg.data.image_size),
-                   "plain": scores(plain_model, urls, args, cfg.data.image_size),
-                   "random init": scores(build_model(cfg.model), urls, args, cfg.data.image_size)}
+        if args.methods:
+            rows = run_methods(urls, args)
+        else:
+            ours, plain, results = compare_with_plain(urls, args)
     finally:
         proc.terminate()
-    report(args, ours, plain, results)
+    if args.methods:
+        report_methods(args, rows)
+    else:
+        report(args, ours, plain, results)
+
+
+def compare_with_plain(urls: dict, args) -> tuple[dict, dict, dict]:
+    """SimCLR by ssl_dist and by the plain loop for --minutes each, then both scored next to random init."""
+    from ssl_dist.evaluate import load_checkpoint_model
+    from ssl_dist.model import build_model
+
+    print(f"ssl_dist: {args.minutes} min ...", flush=True)
+    ours = run_ssl_dist(urls, args.minutes, args.overrides)
+    cfg = ours["config"]
+    print(f"plain loop: {args.minutes} min ...", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cifar-plain-") as tmp:
+        plain, plain_model = run_plain(cfg, args.minutes, Path(tmp))
+    print("evaluating ...", flush=True)
+    ours_model, _ = load_checkpoint_model(ours["checkpoint"])
+    torch.manual_seed(cfg.train.seed)
+    results = {"ssl_dist": scores(ours_model, urls, args, cfg.data.image_size),
+               "plain": scores(plain_model, urls, args, cfg.data.image_size),
+               "random init": scores(build_model(cfg.model), urls, args, cfg.data.image_size)}
+    return ours, plain, results
 
 
 def report(args, ours: dict, plain: dict, results: dict) -> None:
