@@ -1,7 +1,7 @@
 """The sweep's report, from Tune's own results: each trial's row (values, steps, score, status:
 finished, stopped early by ASHA, failed with its one-line message), and which trial is best.
 No cluster: the results are the objects Tune hands back (`ray.tune.Result`), a failed trial's
-error the RayTaskError Ray wraps it in. The search itself runs in e2e/test_sweep.py."""
+error the RayTaskError Ray wraps it in. The search itself runs in e2e/test_sweep_trials.py."""
 
 from __future__ import annotations
 
