@@ -66,24 +66,25 @@ def train_loop(loop_config: dict) -> None:
                 run.keys.add(state.step, loader.epoch, micro_batches)
             micro_batches = []
 
+            # ---- out of time (train.max_minutes): this step is the last, logged and checkpointed
+            out_of_time = run.out_of_time()
+            stop = state.step >= cfg.train.max_steps or out_of_time
             # ---- metrics: one all-reduce per log interval, not per step
             run.report.add(loss)
-            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            if state.step % cfg.train.log_every == 0 or stop:
                 run.report.flush(state, loader, engine, phases=timer.take())
                 run.flush_keys()
                 timer.mark("log")
             # ---- kNN on small labeled sets: every rank embeds its share (ZeRO-3's forwards line up)
-            if cfg.eval.every and (state.step % cfg.eval.every == 0 or state.step == cfg.train.max_steps):
+            if cfg.eval.every and (state.step % cfg.eval.every == 0 or stop):
                 run.evaluate(state.step)
                 timer.mark("eval")
             # ---- checkpoint when the checkpointer says so; out of time forces a last one
-            out_of_time = run.out_of_time()
             saved = run.checkpointer.save(state, engine=engine, loader=loader, force=out_of_time,
                                           before=run.flush_keys)
             if saved is not None:
                 run.attempt.checkpointed(state.step, saved["name"], saved)
                 timer.mark("checkpoint")
-            stop = state.step >= cfg.train.max_steps or out_of_time
             if stop:
                 break
     run.close()

@@ -131,3 +131,20 @@ def test_wrong_credentials_are_a_clear_error(tmp_path):
 
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def test_a_run_stopped_by_its_time_budget_logs_its_last_step(cifar_shards_s3, ray_address):
+    # train.max_minutes stops the run between two log intervals: its last step must still be a
+    # metrics row (a short run once logged none) and the checkpoint forced at the stop its step.
+    run_url = f"s3://{cifar_shards_s3['bucket']}/runs/e2e-budget"
+    done = ssl_dist_cli(*run_args(cifar_shards_s3, "e2e-budget", "train.max_steps=100000", "train.max_minutes=0.1",
+                                  "optim.schedule=constant", "train.log_every=100000", "train.checkpoint_every=0"),
+                        env={"RAY_ADDRESS": ray_address})
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    history = metrics.read_history(run_url)
+    newest = checkpoints(run_url)[-1]
+    fs, _ = storage.filesystem(run_url)
+    last = json.loads(fs.cat_file(f"{newest}/meta.json"))["step"]
+    assert 0 < last < 100000
+    assert steps_of(history) == [[last]]
