@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
 
@@ -38,3 +40,28 @@ def gather(x: torch.Tensor, group=None) -> torch.Tensor:
     # An AsyncCollectiveTensor: wait now, so the Functions below get a plain tensor.
     wait = getattr(out, "wait", None)
     return wait() if callable(wait) else out
+
+
+class MaskedColumns(NamedTuple):
+    """What `gather_masked` returns: the gathered rows and which of them count."""
+
+    cols: torch.Tensor  # (W*m, F) every rank's rows, autograd-aware as `gather`
+    keep: torch.Tensor  # (W*m,) bool: the rows that count
+    bias: torch.Tensor  # (W*m,) cols' dtype: 0 for a row that counts, -inf for one left out
+    per_rank: torch.Tensor  # 0-dim: rows that count per rank, on average (at least 1)
+
+
+def gather_masked(x: torch.Tensor, keep: torch.Tensor, group=None) -> MaskedColumns:
+    """All-gather `x` (m, F) and its (m,) bool mask `keep` from every rank in one collective.
+
+    The mask rides along as one more column of the same gather, so a masked loss pays no
+    second collective. Every rank of `group` calls it with the same shapes. `per_rank` is a
+    tensor, not a Python number: no device-to-host wait per step.
+    """
+    _, world = rank_and_world(group)
+    f = x.shape[1]
+    both = gather(torch.cat([x, keep.to(x.dtype).unsqueeze(1)], dim=1), group)  # (W*m, F + 1)
+    col_keep = both[:, f] > 0.5
+    bias = torch.zeros(col_keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~col_keep, float("-inf"))
+    per_rank = col_keep.sum().to(x.dtype).div(world).clamp_min(1.0)
+    return MaskedColumns(both[:, :f], col_keep, bias, per_rank)

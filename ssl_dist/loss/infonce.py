@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ssl_dist.loss.gather import gather, rank_and_world
+from ssl_dist.loss.gather import gather, gather_masked
 from ssl_dist.loss.numerics import compute_dtype, scalar_like
 from ssl_dist.loss.softmax import _sum_row_lse
 
@@ -48,13 +48,9 @@ def moco_infonce(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch
         lse = _sum_row_lse(keys, inv_t, [q1, q2], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size)
         return (lse - pos.sum()) / (2 * n)
 
-    _, world = rank_and_world(group)
     keep = valid.to(device=q1.device, dtype=torch.bool)
-    # The mask rides along as one more column of the same gather: (N, 2D + 1)
-    keys = gather(torch.cat([k1, k2, keep.to(dtype).unsqueeze(1)], dim=1), group)
-    col_keep = keys[:, 2 * d] > 0.5
-    col_bias = torch.zeros(col_keep.shape, dtype=dtype, device=keys.device).masked_fill_(~col_keep, float("-inf"))
-    lse = _sum_row_lse(keys, inv_t, [q1, q2], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size,
-                       mask=([keep, keep], col_bias))
-    per_rank = col_keep.sum().to(dtype).div(world).clamp_min(1.0)  # valid samples per rank, on average
-    return (lse - torch.where(keep, pos, 0.0).sum()) / (2 * per_rank)  # where(): no host sync
+    keys = gather_masked(torch.cat([k1, k2], dim=1), keep, group)  # (N, 2D), and which samples count
+    lse = _sum_row_lse(keys.cols, inv_t, [q1, q2], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size,
+                       mask=([keep, keep], keys.bias))
+    # per_rank: valid samples per rank, on average; where(): no host sync
+    return (lse - torch.where(keep, pos, 0.0).sum()) / (2 * keys.per_rank)

@@ -19,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ssl_dist.loss.gather import gather, rank_and_world
+from ssl_dist.loss.gather import gather, gather_masked, rank_and_world
 from ssl_dist.loss.numerics import EXP_SAFE, compute_dtype, needs_grad, row_chunks, scalar_like, without_autocast
 
 # CLIP clips the learnable temperature so that logits are never scaled by more than 100.
@@ -152,7 +152,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: to
     memory is about chunk_size x 2N x 4 bytes (fp32), plus a few (2N, D) matrices.
     """
     dtype = compute_dtype(z1, z2)
-    rank, world = rank_and_world(group)
+    rank, _ = rank_and_world(group)
     n, d = z1.shape
     z1 = F.normalize(z1.to(dtype), dim=1)
     z2 = F.normalize(z2.to(dtype), dim=1)
@@ -167,16 +167,12 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: to
         return (lse - 2 * pos.sum()) / (2 * n)
 
     keep = torch.cat([valid, valid]).to(device=z1.device, dtype=torch.bool)  # (2n,): both views of a sample
-    # The mask rides along as one more column of the same gather: (2N, D + 1)
-    cols = gather(torch.cat([anchors, keep.to(dtype).unsqueeze(1)], dim=1), group)
-    col_keep = cols[:, d] > 0.5
-    col_bias = torch.zeros(col_keep.shape, dtype=dtype, device=cols.device).masked_fill_(~col_keep, float("-inf"))
-    lse = _sum_row_lse(cols, inv_t, [anchors], offsets=[0], self_cols=self_cols, chunk_size=chunk_size,
-                       mask=([keep], col_bias))
-    # 2 x (valid samples per rank, on average): the mean over ranks is then the global mean
-    # over valid anchors. A tensor, not a Python number: no device-to-host wait per step.
-    per_rank = col_keep.sum().to(dtype).div(world).clamp_min(1.0)
-    return (lse - 2 * torch.where(keep[:n], pos, 0.0).sum()) / per_rank  # where(): no host sync
+    cols = gather_masked(anchors, keep, group)  # (2N, D), and which of the 2N views count
+    lse = _sum_row_lse(cols.cols, inv_t, [anchors], offsets=[0], self_cols=self_cols, chunk_size=chunk_size,
+                       mask=([keep], cols.bias))
+    # 2 x (valid samples per rank, on average) = valid views per rank: the mean over ranks is
+    # then the global mean over valid anchors
+    return (lse - 2 * torch.where(keep[:n], pos, 0.0).sum()) / cols.per_rank  # where(): no host sync
 
 
 # CLIP: symmetric InfoNCE over paired inputs
@@ -214,14 +210,9 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, va
         pos = (a * b).sum() * scale  # local row i's label is global column rank * n + i
         return (lse - 2 * pos) / (2 * n)
 
-    _, world = rank_and_world(group)
     keep = valid.to(device=a.device, dtype=torch.bool)
-    # The mask rides along as one more column of the same gather: (N, 2D + 1)
-    both = gather(torch.cat([a, b, keep.to(dtype).unsqueeze(1)], dim=1), group)
-    col_keep = both[:, 2 * d] > 0.5
-    col_bias = torch.zeros(col_keep.shape, dtype=dtype, device=both.device).masked_fill_(~col_keep, float("-inf"))
-    lse = _sum_row_lse(both, scale, [a, b], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size,
-                       mask=([keep, keep], col_bias))
+    both = gather_masked(torch.cat([a, b], dim=1), keep, group)  # (N, 2D), and which pairs count
+    lse = _sum_row_lse(both.cols, scale, [a, b], offsets=[d, 0], self_cols=[None, None], chunk_size=chunk_size,
+                       mask=([keep, keep], both.bias))
     pos = torch.where(keep, (a * b).sum(dim=1), 0.0).sum() * scale  # where(): no host sync
-    per_rank = col_keep.sum().to(dtype).div(world).clamp_min(1.0)  # valid pairs per rank, on average
-    return (lse - 2 * pos) / (2 * per_rank)
+    return (lse - 2 * pos) / (2 * both.per_rank)  # per_rank: valid pairs per rank, on average
