@@ -20,7 +20,6 @@ tensors and primitives only. None of these types runs code when it is built.
 from __future__ import annotations
 
 import contextlib
-import os
 import pickle
 import re
 from typing import Iterator
@@ -28,6 +27,7 @@ from typing import Iterator
 import torch
 
 from ssl_dist.checkpoint.layout import CheckpointError
+from ssl_dist.environ import environment
 
 FORCE = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 FORCE_NOT = "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"  # torch refuses every load while both are set
@@ -50,23 +50,14 @@ def weights_only(url: str) -> Iterator[None]:
     CheckpointError naming `url` (the checkpoint being read), and nothing of it is built.
     Any process; it changes process-wide state (an environment variable, torch's allow-list)
     and puts both back on the way out."""
-    saved = {name: os.environ.get(name) for name in (FORCE, FORCE_NOT)}
-    os.environ[FORCE] = "1"
-    os.environ.pop(FORCE_NOT, None)
     # Only the types not yet allowed: leaving, torch removes what this added, and a nested
     # use (restore around DeepSpeed's load) must not take the outer one's list away.
     added = [t for t in deepspeed_types() if t not in torch.serialization.get_safe_globals()]
     try:
-        with torch.serialization.safe_globals(added):
+        with environment({FORCE: "1", FORCE_NOT: None}), torch.serialization.safe_globals(added):
             yield
     except pickle.UnpicklingError as err:
         raise CheckpointError(refusal(url, err)) from None
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def refusal(url: str, err: Exception) -> str:

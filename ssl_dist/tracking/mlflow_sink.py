@@ -9,11 +9,11 @@ The run is created by that thread too, so even the first request costs the loop 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from contextlib import contextmanager
 
+from ssl_dist.environ import environment
 from ssl_dist.tracking import warning
 
 TAG_RUN_URL = "ssl_dist.run_url"  # finds a run's parent again when its folder is resumed
@@ -40,16 +40,8 @@ def http_limits(*, timeout: float, retries: int):
     """
     wanted = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
               "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
-    try:
+    with environment(wanted):
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 class MlflowSink:
