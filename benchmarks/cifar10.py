@@ -3,6 +3,7 @@ plain single-process PyTorch SimCLR loop, with the same wall-clock budget each.
 
     python benchmarks/cifar10.py [--minutes 20] [--eval-train 50000] [--eval-test 10000]
     python benchmarks/cifar10.py --methods simclr,mocov3,rotnet,simclr@vit,mocov3@vit [--minutes 20]
+        [--results benchmarks/results/cifar10_methods.jsonl]
 
 Both runs use the same encoder, two-view augmentation, NT-Xent, optimizer and schedule
 (warm-up then constant: with a time budget neither knows its number of steps) and the same
@@ -81,6 +82,8 @@ def run_ssl_dist(urls: dict, minutes: float, overrides: list[str], name: str = "
     if done.returncode != 0:
         raise SystemExit(f"ssl_dist run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     rows = metrics.read_history(f"s3://bench/runs/{name}")[-1]
+    if not rows:
+        raise SystemExit(f"ssl_dist run {name} logged no metrics row in {minutes} min: give it more --minutes")
     checkpoint = [line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("newest checkpoint")][-1]
     steady = rows[len(rows) // 5:] or rows  # skip the first fifth: start-up and warm-up
     phases = {k: sum(float(r[k]) for r in steady) for k in rows[0] if k.startswith("time_")}
@@ -258,25 +261,63 @@ def finetune_scores(checkpoint: str, sets: dict, args, name: str) -> dict:
     return found
 
 
+def protocol(args) -> dict:
+    """What makes two method rows comparable: a --results file only holds rows of one protocol."""
+    return {"minutes": args.minutes, "eval_train": args.eval_train, "eval_test": args.eval_test,
+            "finetune_fractions": args.finetune_fractions, "finetune_epochs": args.finetune_epochs,
+            "vit_arch": args.vit_arch, "vit_kwargs": args.vit_kwargs, "overrides": args.overrides}
+
+
+def read_results(path: Path | None, args) -> list[dict]:
+    """The rows already in --results (JSON lines), refused if they were measured another way."""
+    if path is None or not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    for row in rows:
+        if row["protocol"] != protocol(args):
+            raise SystemExit(f"--results {path}: row {row['spec']} was measured with {row['protocol']}, not "
+                             f"{protocol(args)}: pass the same options or another --results file")
+    return rows
+
+
 def run_methods(urls: dict, args) -> list[dict]:
-    """Each METHOD[@ENCODER] of --methods pretrained for --minutes, then scored: one row each."""
+    """Each METHOD[@ENCODER] of --methods pretrained for --minutes, then scored: one row each.
+    With --results, each row is appended there as soon as it is measured and a spec already
+    there is not run again, so one table can be measured over several sittings."""
     from ssl_dist.evaluate import evaluate_checkpoint
 
-    rows = []
+    results = Path(args.results) if args.results else None
+    rows = read_results(results, args)
     with tempfile.TemporaryDirectory(prefix="cifar-eval-") as tmp:
         sets = eval_sets(urls, args, Path(tmp))
         for spec in args.methods.split(","):
             method, _, encoder = spec.partition("@")
             encoder = encoder or "resnet"
+            if any(row["spec"] == f"{method}@{encoder}" for row in rows):
+                print(f"{method} ({encoder}): in {results} already", flush=True)
+                continue
             name = f"cifar10-{method}-{encoder}"
             print(f"{method} ({encoder}): {args.minutes} min ...", flush=True)
             run = run_ssl_dist(urls, args.minutes, [f"method.name={method}", *encoder_overrides(encoder, args),
                                                     *args.overrides], name=name)
+            arch = run.pop("config").model.arch
             print(f"{method} ({encoder}): evaluating ...", flush=True)
             scores = evaluate_checkpoint(run["checkpoint"], sets["train"], sets["test"])
-            rows.append({"method": method, "encoder": encoder, "arch": run["config"].model.arch, "run": run,
-                         "scores": scores, "finetune": finetune_scores(run["checkpoint"], sets, args, name)})
+            tuned = finetune_scores(run["checkpoint"], sets, args, name)
+            row = {"spec": f"{method}@{encoder}", "method": method, "encoder": encoder, "arch": arch, "run": run,
+                   "scores": scores, "finetune": {f"{f:g}": v for f, v in tuned.items()},
+                   "protocol": protocol(args), "commit": git_commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+            rows.append(row)
+            if results is not None:
+                with results.open("a") as out:
+                    out.write(json.dumps(row) + "\n")
+            print(f"{method} ({encoder}): {json.dumps(scores)} fine-tune {json.dumps(row['finetune'])}", flush=True)
     return rows
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return done.stdout.strip() or "unknown"
 
 
 def report_methods(args, rows: list[dict]) -> None:
@@ -284,6 +325,9 @@ def report_methods(args, rows: list[dict]) -> None:
 
     def cell(value, arm: int) -> str:
         return value if isinstance(value, str) else f"{value[arm]:.3f}"
+
+    def tuned(row: dict, fraction: float, arm: int) -> str:
+        return f" {cell(row['finetune'][f'{fraction:g}'], arm)} |"
 
     print(f"\nCIFAR-10 methods, {args.minutes:g} min each; kNN (k = 200) and linear probe over {args.eval_train} "
           f"train / {args.eval_test} test images; fine-tune on a fraction of the train labels\n")
@@ -294,14 +338,14 @@ def report_methods(args, rows: list[dict]) -> None:
     for row in rows:
         r, s = row["run"], row["scores"]
         print(f"| {row['method']} | {row['arch']} | {r['steps']} | {r['samples_per_s']:.1f} | {s['knn_top1']:.3f} | "
-              f"{s['linear_top1']:.3f} |" + "".join(f" {cell(row['finetune'][f], 0)} |" for f in fractions))
+              f"{s['linear_top1']:.3f} |" + "".join(tuned(row, f, 0) for f in fractions))
     for row in rows:  # one random-init row per encoder: every method builds it from the same seed
         if row["arch"] in seen:
             continue
         seen.add(row["arch"])
         s = row["scores"]
         print(f"| random init | {row['arch']} | - | - | {s['knn_top1_random_init']:.3f} | "
-              f"{s['linear_top1_random_init']:.3f} |" + "".join(f" {cell(row['finetune'][f], 1)} |" for f in fractions))
+              f"{s['linear_top1_random_init']:.3f} |" + "".join(tuned(row, f, 1) for f in fractions))
 
 
 def main() -> None:
@@ -316,6 +360,8 @@ def main() -> None:
     parser.add_argument("--finetune-fractions", default="0.01,0.1", help="label fractions of the fine-tune "
                         "columns (empty: none)")
     parser.add_argument("--finetune-epochs", type=int, default=30, help="epochs of each fine-tune")
+    parser.add_argument("--results", default="", help="JSON-lines file of method rows: each row is appended "
+                        "when measured, specs already there are skipped, the table is printed from all of them")
     parser.add_argument("overrides", nargs="*", help="config overrides for both runs (e.g. data.batch_size=64)")
     args = parser.parse_args()
 
