@@ -205,7 +205,10 @@ def read_offsets(url: str, shard: dict, storage_options: dict | None = None, *, 
     fix = f"re-create it with `ssl-dist shards index {url}`"
     with storage.translate_errors(url):
         try:
-            data = fs.cat_file(where) if whole else fs.cat_file(where, start=8 * first, end=8 * stop)
+            # A range even for the whole sidecar: s3fs asks for an object's size (a HEAD) before
+            # reading it whole, and the manifest knows it. One offset more than the manifest
+            # says is asked for, so that a longer sidecar is seen as one.
+            data = fs.cat_file(where, start=8 * first, end=8 * (stop + 1) if whole else 8 * stop)
         except FileNotFoundError:
             raise ShardError(f"sidecar {where} is missing: {fix}") from None
     if whole and len(data) != 8 * count:

@@ -58,6 +58,9 @@ def test_read_offsets_refuses_a_missing_or_wrong_sidecar(local, tmp_path):
     assert len(shards.read_offsets(str(broken), second, first=0, stop=63)) == 63
     with pytest.raises(ShardError, match="shorter than the manifest's 64 samples say"):
         shards.read_offsets(str(broken), second, first=60, stop=64)
+    sidecar.write_bytes((dest / second["index"]).read_bytes() + bytes(8))
+    with pytest.raises(ShardError, match="holds 65 offsets but the manifest says 64 samples"):
+        shards.read_offsets(str(broken), second)
 
 
 # ------------------------------------------------------------------ what a manifest may say
@@ -171,3 +174,32 @@ def test_check_never_reads_outside_the_dataset_folder(local, bucket, s3_endpoint
     fs.pipe_file(f"{root}/index.json", json.dumps({**made, "shards": entries}).encode())
     with pytest.raises(ShardError, match=rf"shard #0 \(url '/{other}/private/shard-000000.tar'\) .*absolute"):
         shards.check_shards(url, storage_options=options)
+
+
+def test_a_whole_sidecar_costs_one_request_on_s3(local, tmp_path):
+    # At scale the sidecar reads are as many as the shard reads (docs/scaling.md): s3fs's
+    # cat_file of a whole object first asks for its size (a HEAD) before the GET. The
+    # manifest knows the size, so a sidecar is one ranged GET, counted by moto's recorder.
+    import boto3
+    import requests
+    import s3fs
+    from services import TEST_ACCESS_KEY, TEST_SECRET_KEY, start_moto
+
+    dest, manifest = local
+    recording = tmp_path / "requests.jsonl"
+    proc, endpoint = start_moto({"MOTO_RECORDER_FILEPATH": str(recording)})
+    try:
+        fs = s3fs.S3FileSystem(key=TEST_ACCESS_KEY, secret=TEST_SECRET_KEY,
+                               client_kwargs={"endpoint_url": endpoint, "region_name": "us-east-1"})
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=TEST_ACCESS_KEY,
+                     aws_secret_access_key=TEST_SECRET_KEY, region_name="us-east-1").create_bucket(Bucket="sidecars")
+        fs.put(str(dest) + "/", "sidecars/set/", recursive=True)
+        shard = manifest["shards"][1]
+        requests.post(f"{endpoint}/moto-api/recorder/start-recording").raise_for_status()
+        offsets = shards.read_offsets("s3://sidecars/set", shard, fs=fs)
+        requests.post(f"{endpoint}/moto-api/recorder/stop-recording").raise_for_status()
+    finally:
+        proc.terminate()
+    assert offsets.tobytes() == (dest / shard["index"]).read_bytes()
+    made = [json.loads(line) for line in recording.read_text().splitlines()]
+    assert [(r["method"], r["url"].split("?")[0].rsplit("/", 1)[-1]) for r in made] == [("GET", shard["index"])]
