@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from memory import HAS_PEAK_RSS, peak_rss, reset_peak_rss
 from ssl_dist import loss as L
 from ssl_dist.gradcache import embedding_grads, surrogate_loss
 
@@ -219,24 +220,7 @@ def test_no_similarity_matrix_is_kept_for_backward(chunk):
     assert max(largest) <= 2 * n * d, max(largest)  # (2N, D) at most; (2n x 2N) would be 4 n^2
 
 
-def _reset_peak_rss() -> int:
-    import ctypes
-    import gc
-
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as f:  # "5" resets VmHWM, the peak RSS
-        f.write("5")
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-
-
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
+@pytest.mark.skipif(not HAS_PEAK_RSS, reason="needs Linux /proc")
 def test_peak_memory_scales_with_chunk_not_batch():
     """2n = 4096 anchors x 4096 columns: 64 MiB unchunked; a 128-row chunk is 2 MiB."""
     torch.manual_seed(0)
@@ -245,9 +229,9 @@ def test_peak_memory_scales_with_chunk_not_batch():
     peaks = {}
     for chunk in (128, None, 128):  # the first run warms up
         z1.grad = z2.grad = None
-        base = _reset_peak_rss()
+        base = reset_peak_rss()
         L.nt_xent(z1, z2, 0.1, chunk_size=chunk).backward()
-        peaks[chunk] = (_peak_rss() - base) / 2**20
+        peaks[chunk] = (peak_rss() - base) / 2**20
     assert peaks[128] < 16, peaks  # 2 MiB of logits plus (N, D) vectors and their gradients
     assert peaks[None] > 48, peaks  # the measurement sees a full matrix when there is one
 
