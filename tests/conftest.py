@@ -18,23 +18,18 @@ import pytest
 from cifar import cifar_slice
 from services import TEST_ACCESS_KEY, TEST_SECRET_KEY, start_moto, start_ray_head, stop_ray_node
 
+from ssl_dist.environ import environment
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """Endpoint URL of a moto S3 server; AWS_* variables point every client at it."""
     proc, endpoint = start_moto()
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
-                       "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"})
-    yield endpoint
-    proc.terminate()
-    proc.wait(timeout=30)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with environment({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
+                      "AWS_SECRET_ACCESS_KEY": TEST_SECRET_KEY, "AWS_DEFAULT_REGION": "us-east-1"}):
+        yield endpoint
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @pytest.fixture
