@@ -20,6 +20,7 @@ on a GPU.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -296,7 +297,7 @@ def at_scale_table(workers: int = 1024) -> list[str]:
         reduced = sum(scaling.reduced_bytes(w, workers).values())
         s3 = scaling.s3_rates(w, workers, rate)
         window = scaling.shuffle_window_for(w, workers, rate, S3_GET_LIMIT)
-        fixed = scaling.s3_rates(scaling._with(w, shuffle_window=window), workers, rate)
+        fixed = scaling.s3_rates(dataclasses.replace(w, shuffle_window=window), workers, rate)
         index = scaling.dataset_index_bytes(w)
         ckpt = scaling.checkpoint_bytes(w, workers)
         add("samples/s per GPU (assumed); step", f"{per_gpu:,}; {1e3 * step_s:.0f} ms")

@@ -22,11 +22,11 @@ for a 1,024-GPU workload; docs/scaling.md explains them and what breaks first.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 FP32 = 4
 SIDECAR_BYTES_PER_SAMPLE = 8  # one little-endian uint64 offset per sample (shards/manifest.py)
-MANIFEST_BYTES_PER_SHARD = 260  # a manifest entry as shards.make writes it, measured (benchmarks/scaling.py)
+MANIFEST_BYTES_PER_SHARD = 256  # a manifest entry as shards.make writes it, measured (benchmarks/scaling.py)
 STAGE3_MAX_LIVE_PARAMETERS = 10**9  # DeepSpeed's default
 OPTIMIZER_SLOTS = {"adamw": 2, "adam": 2, "lars": 1, "sgd": 1}  # fp32 tensors per parameter
 
@@ -75,22 +75,25 @@ def loss_shapes(w: Workload, workers: int) -> dict:
 def loss_memory_bytes(w: Workload, workers: int) -> int:
     """Peak bytes one rank's loss holds beyond its inputs, fp32 (compute_dtype of bf16 input).
 
-    Both: the two inputs normalised in fp32 (2 x n x D). softmax.py: this rank's block handed
-    to the gather (M/W x F), the gathered rows (M x F), the logits workspace (chunk x M), the gradient of
-    the gathered rows transposed (F x M) and its contiguous copy saved for backward (M x F),
-    and each set's (m x D) anchor gradient. sigmoid.py: two (chunk x n) buffers, the block
-    in use and the one arriving (2 x n x D), the travelling gradient and its successor
-    (2 x D x n) -- one of each on a single rank -- and the anchor gradient (n x D).
+    Both: the two inputs normalised in fp32 (2 x n x D). softmax.py: SimCLR's concatenated
+    anchors (2n x D), the gathered rows (M x F), the gradient of the gathered rows
+    transposed (F x M), each set's (m x D) anchor gradient, and the larger of the logits
+    workspace (chunk x M, freed after the passes) and the contiguous copy of the gradient
+    saved for backward (M x F, made after them). The block handed to the gather lives only
+    during the gather. sigmoid.py: two (chunk x n) buffers (alive to the end), the anchor
+    gradient and the travelling gradient of the other field, its contiguous copy and both
+    divided by the valid count, saved for backward (5 x n x D), and with more than one rank
+    the block and the gradient arriving while the current ones are used (2 x n x D).
     """
     s, n, d = loss_shapes(w, workers), w.batch_size, w.embed_dim
     chunk = min(w.chunk_size or s["m"], s["m"])
-    inputs = 2 * n * d  # the two normalised fp32 inputs
+    inputs = 2 * n * d
     if w.method == "siglip":
-        in_flight = 2 if workers > 1 else 1  # the next block (and gradient) arrives while one is used
-        return FP32 * (inputs + 2 * chunk * n + 2 * in_flight * n * d + n * d)
-    own_block = s["M"] // workers * s["F"]  # this rank's rows (and mask) handed to the gather
-    return FP32 * (inputs + own_block + s["M"] * s["F"] + chunk * s["M"] + 2 * s["M"] * s["F"]
-                   + s["sets"] * s["m"] * d)
+        arriving = 2 * n * d if workers > 1 else 0
+        return FP32 * (inputs + 2 * chunk * n + 5 * n * d + arriving)
+    anchors = 2 * n * d if w.method == "simclr" else 0
+    held = inputs + anchors + s["M"] * s["F"] + s["F"] * s["M"] + s["sets"] * s["m"] * d
+    return FP32 * (held + max(chunk * s["M"], s["M"] * s["F"]))
 
 
 def gathered_bytes(w: Workload, workers: int) -> dict:
@@ -181,15 +184,11 @@ def shuffle_window_for(w: Workload, workers: int, samples_per_s: float, get_limi
     prefix under `get_limit` GET/s (S3: 5,500 per prefix) at `samples_per_s`."""
     global_batch = w.batch_size * workers
     kw = 1
-    while s3_rates(_with(w, shuffle_window=kw * global_batch), workers, samples_per_s)["get_per_s"] > get_limit:
+    while s3_rates(replace(w, shuffle_window=kw * global_batch), workers, samples_per_s)["get_per_s"] > get_limit:
         kw *= 2
         if kw > 1 << 20:
             raise ValueError("no shuffle window keeps the requests under the limit: add prefixes")
     return kw * global_batch
-
-
-def _with(w: Workload, **changes) -> Workload:
-    return Workload(**{**w.__dict__, **changes})
 
 
 # ---- manifest, checkpoint ----------------------------------------------------------------
