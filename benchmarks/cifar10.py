@@ -296,7 +296,7 @@ def run_methods(urls: dict, args) -> list[dict]:
             if any(row["spec"] == f"{method}@{encoder}" for row in rows):
                 print(f"{method} ({encoder}): in {results} already", flush=True)
                 continue
-            name = f"cifar10-{method}-{encoder}"
+            name, commit = f"cifar10-{method}-{encoder}", git_commit()  # the code this row measures
             print(f"{method} ({encoder}): {args.minutes} min ...", flush=True)
             run = run_ssl_dist(urls, args.minutes, [f"method.name={method}", *encoder_overrides(encoder, args),
                                                     *args.overrides], name=name)
@@ -306,7 +306,7 @@ def run_methods(urls: dict, args) -> list[dict]:
             tuned = finetune_scores(run["checkpoint"], sets, args, name)
             row = {"spec": f"{method}@{encoder}", "method": method, "encoder": encoder, "arch": arch, "run": run,
                    "scores": scores, "finetune": {f"{f:g}": v for f, v in tuned.items()},
-                   "protocol": protocol(args), "commit": git_commit(), "measured": time.strftime("%Y-%m-%d %H:%M")}
+                   "protocol": protocol(args), "commit": commit, "measured": time.strftime("%Y-%m-%d %H:%M")}
             rows.append(row)
             if results is not None:
                 with results.open("a") as out:
@@ -343,9 +343,25 @@ def report_methods(args, rows: list[dict]) -> None:
         if row["arch"] in seen:
             continue
         seen.add(row["arch"])
-        s = row["scores"]
-        print(f"| random init | {row['arch']} | - | - | {s['knn_top1_random_init']:.3f} | "
-              f"{s['linear_top1_random_init']:.3f} |" + "".join(tuned(row, f, 1) for f in fractions))
+        same = [r for r in rows if r["arch"] == row["arch"]]
+        print(f"| random init | {row['arch']} | - | - | {spread(same, 'knn_top1_random_init')} | "
+              f"{spread(same, 'linear_top1_random_init')} |"
+              + "".join(f" {spread_tuned(same, f)} |" for f in fractions))
+
+
+def spread(rows: list[dict], score: str) -> str:
+    """One random-init score over the rows of one encoder: the value, or min-max where the
+    methods' random-init arms differ (the fine-tunes are not bit-reproducible)."""
+    values = sorted({round(r["scores"][score], 3) for r in rows})
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{values[0]:.3f}-{values[-1]:.3f}"
+
+
+def spread_tuned(rows: list[dict], fraction: float) -> str:
+    values = sorted({round(r["finetune"][f"{fraction:g}"][1], 3) for r in rows
+                     if not isinstance(r["finetune"][f"{fraction:g}"], str)})
+    if not values:
+        return "error"
+    return f"{values[0]:.3f}" if len(values) == 1 else f"{values[0]:.3f}-{values[-1]:.3f}"
 
 
 def main() -> None:
