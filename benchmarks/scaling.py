@@ -1,7 +1,7 @@
 """The scaling model (`ssl_dist.scaling`) against runs here at W = 1, 2, 4, then its figures
 for 1,024 GPUs (docs/scaling.md explains both).
 
-    python benchmarks/scaling.py [--workers 1,2,4]
+    python benchmarks/scaling.py [--workers 1,2,4] [--only reads,loss,engine,restart,scale]
 
 Measured, each next to the model's figure:
 - S3: the requests of one epoch of a CIFAR slice read by W ranks' real Loaders (loader
@@ -13,6 +13,11 @@ Measured, each next to the model's figure:
 - The engine: W gloo ranks run DeepSpeed ZeRO-2 and ZeRO-3 steps of the CPU ResNet of
   cifar10.yaml; DeepSpeed's own comms logger gives the bytes of its collectives per step,
   and `save_checkpoint` the bytes each rank writes.
+- Restart: `ssl-dist pretrain` on W Ray workers with one worker SIGKILLed after the first
+  registered checkpoint: the bytes the restart reads from the checkpoint (moto's recorder),
+  its phases (the attempt records), and the time until the run is back at the step it had
+  reached, next to the model fed with the first W's fixed terms; then that checkpoint
+  resumed on 1 worker (resharded).
 Bytes and counts do not depend on speed: these run on a quarter of a core each as well as
 on a GPU.
 """
@@ -264,6 +269,171 @@ def engine_table(worker_counts: list[int]) -> list[str]:
     return rows
 
 
+
+# ---- restart: a worker killed after the first registered checkpoint, at W workers ----------------
+
+RESTART = dict(batch_size=16, checkpoint_every=5, steps=16, per_class=40)
+
+
+def recorded_requests(recording: Path):
+    """The requests in moto's recording: JSON objects one after the other (under concurrent
+    uploads the server's writes do not always end in a newline, so not read line by line)."""
+    text, decoder, at = recording.read_text(), json.JSONDecoder(), 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return
+        entry, at = decoder.raw_decode(text, at)
+        yield entry
+
+
+def pretrain_recorded(workers: int, name: str, address: str, recording: Path, endpoint: str, *extra: str,
+                      kill: bool = False, resume: bool = False) -> dict:
+    """One `ssl-dist pretrain` of cifar10.yaml's CPU ResNet on `workers` Ray workers (ZeRO-2,
+    checkpoints into moto's S3); with `kill`, one worker SIGKILLed once Ray Train has
+    registered the first checkpoint. Returns the attempt records, the metrics of every
+    attempt, the kill's (or the start's) time, and the bytes GET from checkpoint folders, as
+    moto's recorder saw them."""
+    import signal
+
+    import boto3
+    import requests
+    from runs import finish, start, train_workers, wait_for_registered
+
+    from ssl_dist import metrics, storage
+
+    url = f"s3://bench/runs/{name}"
+    requests.post(f"{endpoint}/moto-api/recorder/reset-recording").raise_for_status()
+    requests.post(f"{endpoint}/moto-api/recorder/start-recording").raise_for_status()
+    t0 = time.time()
+    driver = start(["pretrain", *(["--resume"] if resume else []), "--config", str(CONFIG), f"run.name={name}",
+                    "data.train_url=s3://bench/train",
+                    "run.storage_path=s3://bench/runs", f"run.num_workers={workers}", "run.cpus_per_worker=1",
+                    f"data.batch_size={RESTART['batch_size']}", "train.log_every=1",
+                    f"train.checkpoint_every={RESTART['checkpoint_every']}", f"train.max_steps={RESTART['steps']}",
+                    "run.max_failures=1", "run.keep_checkpoints=100", *extra], address)
+    if kill:
+        wait_for_registered(url, driver)
+        victim = max(train_workers(address), key=lambda p: p.create_time())
+        t0 = time.time()
+        os.kill(victim.pid, signal.SIGKILL)
+    finish(driver)
+    requests.post(f"{endpoint}/moto-api/recorder/stop-recording").raise_for_status()
+
+    sizes = {o["Key"]: o["Size"] for page in boto3.client("s3", endpoint_url=endpoint).get_paginator(
+        "list_objects_v2").paginate(Bucket="bench", Prefix=f"runs/{name}/") for o in page.get("Contents", [])}
+    got = 0
+    for entry in recorded_requests(recording):
+        key = entry["url"].split("?", 1)[0].split("/bench/", 1)[-1]
+        if entry["method"] != "GET" or "/checkpoint-" not in key:
+            continue
+        rng = entry["headers"].get("Range")
+        if rng:
+            lo, hi = rng.removeprefix("bytes=").split("-")
+            got += min(int(hi), sizes.get(key, int(hi)) - 1) - int(lo) + 1
+        else:  # a whole object (a key moved aside since has no size left here: counted as 0)
+            got += sizes.get(key, 0)
+    fs, path = storage.filesystem(f"{url}/attempts")
+    fs.invalidate_cache()
+    records = [json.loads(fs.cat_file(p)) for p in sorted(fs.ls(path, detail=False))]
+    return {"records": records, "history": metrics.read_history(url), "t0": t0, "gets_bytes": got}
+
+
+def restart_phases(m: dict) -> dict:
+    """The measured restart split as the model splits it (seconds), the steps redone, and the
+    median step."""
+    import statistics
+
+    tl, restore = m["records"][-1]["timeline"], m["records"][-1]["restore"]
+    first, second = m["history"][-2], m["history"][-1]
+    step_s = statistics.median(float(b["time"]) - float(a["time"]) for a, b in zip(second, second[1:]))
+    reached = int(first[-1]["step"])  # the last step the killed attempt logged
+    resumed_from = int(second[0]["step"]) - 1
+    # back where it was: the redone step that reaches the killed attempt's last one (none to
+    # redo: the first batch is ready)
+    back = next((float(r["time"]) for r in second if int(r["step"]) == reached), tl["first_step"] - step_s)
+    return {"start": tl["start"] - m["t0"], "choose": tl["decided"] - tl["start"],
+            "engine": tl["engine"] - tl["decided"], "restore": tl["restored"] - tl["engine"],
+            "download": restore.get("download_s", 0.0),
+            "seek": max(0.0, tl["first_step"] - tl["restored"] - step_s), "first_step": step_s,
+            "redo_steps": reached - resumed_from, "step_s": step_s, "back": back - m["t0"]}
+
+
+def restart_table(worker_counts: list[int]) -> list[str]:
+    """Restart at each W, measured next to the model. The model's fixed terms (Ray's restart
+    of the group, DeepSpeed's initialise, the stream's first window) and its read rate are
+    taken from the first W's run; the other Ws are predictions."""
+    import boto3
+    from cifar import cifar_slice
+    from services import start_moto, start_ray_head, stop_ray_node
+
+    from ssl_dist.shards import make_shards
+
+    with tempfile.TemporaryDirectory(prefix="scaling-restart-") as tmp:
+        recording = Path(tmp) / "recording.jsonl"
+        proc, endpoint = start_moto({"MOTO_RECORDER_FILEPATH": str(recording)})
+        os.environ.update({"AWS_ENDPOINT_URL_S3": endpoint, "AWS_ACCESS_KEY_ID": "bench",
+                           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                           "RAY_AUTH_MODE": "disabled"})
+        ray_temp = Path(tmp) / "ray"
+        address = start_ray_head(ray_temp, num_cpus=max(worker_counts) + 1)
+        try:
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            make_shards(str(cifar_slice(Path(tmp) / "src", per_class=RESTART["per_class"], split="train")),
+                        "s3://bench/train", samples_per_shard=100, workers=2)
+            measured = {workers: pretrain_recorded(workers, f"restart-w{workers}", address, recording, endpoint,
+                                                   kill=True) for workers in worker_counts}
+            # the 2-worker run's final checkpoint resumed by 1 worker: resharded (universal conversion)
+            writer = 2 if 2 in worker_counts else worker_counts[-1]
+            resharded = pretrain_recorded(1, f"restart-w{writer}", address, recording, endpoint,
+                                          f"train.max_steps={RESTART['steps'] + 2}", resume=True)
+        finally:
+            stop_ray_node(str(ray_temp))
+            proc.terminate()
+    from ssl_dist import config
+    from ssl_dist.model import build_model
+
+    cfg = config.load(CONFIG, [])
+    params = sum(p.numel() for p in build_model(cfg.model).parameters())
+    work = scaling.Workload(method="simclr", params=params, embed_dim=cfg.model.proj_dim,
+                            batch_size=RESTART["batch_size"], zero_stage=2)
+    base = restart_phases(measured[worker_counts[0]])
+    base_reads = scaling.restore_read_bytes(work, worker_counts[0])
+    # one rank's restore rate, from the first run: what it hashed and restored (download and
+    # DeepSpeed's load) in the time those took
+    rate = (base_reads["choose"] + base_reads["per_rank"]) / 1e6 / (base["choose"] + base["restore"])
+    rows = [f"Restart after a SIGKILLed worker, cifar10.yaml's CPU ResNet ({params / 1e6:.1f}M parameters, ZeRO-2, "
+            f"AdamW), batch {RESTART['batch_size']} a rank, checkpoint every {RESTART['checkpoint_every']} steps "
+            f"into moto's S3; W workers on 2 cores. Model: fixed terms and a read rate of {rate:.0f} MB/s from "
+            f"W = {worker_counts[0]}", "",
+            "| W | MB GET from checkpoints (model / moto) | Ray restart s | choose s | DeepSpeed init s | "
+            "restore s | seek + first step s | steps redone | back where it was, s (model / measured) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for workers, m in measured.items():
+        got = restart_phases(m)
+        reads = scaling.restore_read_bytes(work, workers)
+        model = scaling.restart_seconds(work, workers, detect_s=0.0, start_s=base["start"], engine_s=base["engine"],
+                                        seek_s=base["seek"], rank_mb_per_s=rate, store_mb_per_s=float("inf"),
+                                        step_s=got["step_s"], lost_steps=got["redo_steps"])
+        rows.append(f"| {workers} | {reads['total'] / 1e6:.1f} / {m['gets_bytes'] / 1e6:.1f} | {got['start']:.1f} | "
+                    f"{got['choose']:.1f} | {got['engine']:.1f} | {got['restore']:.1f} | "
+                    f"{got['seek'] + got['first_step']:.1f} | {got['redo_steps']} | "
+                    f"{model['total']:.1f} / {got['back']:.1f} |")
+    tl, restore = resharded["records"][-1]["timeline"], resharded["records"][-1]["restore"]
+    reads = scaling.restore_read_bytes(work, writer, resharded_nodes=1, job_start=True)
+    rows += ["", f"The {writer}-worker run's final checkpoint resumed on 1 worker (`--resume`, resharded), "
+                 f"seconds from the job's start:", "",
+             "| MB GET from checkpoints (model / moto) | to the worker loop | choose | DeepSpeed init | download | "
+             "universal conversion | DeepSpeed load | first step |", "|---|---|---|---|---|---|---|---|",
+             f"| {reads['total'] / 1e6:.1f} / {resharded['gets_bytes'] / 1e6:.1f} | "
+             f"{tl['start'] - resharded['t0']:.1f} | "
+             f"{tl['decided'] - tl['start']:.1f} | {tl['engine'] - tl['decided']:.1f} | "
+             f"{restore.get('download_s', 0):.1f} | {restore.get('convert_s', 0):.1f} | "
+             f"{restore.get('load_s', 0):.1f} | "
+             f"{tl['first_step'] - tl['restored']:.1f} |"]
+    return rows
+
 # ---- 1,024 GPUs ------------------------------------------------------------------------------
 
 # The two workloads of docs/scaling.md. Rates per GPU are assumptions (stated in the table),
@@ -279,6 +449,19 @@ AT_SCALE = {
 }
 NIC_GB_PER_S = 50.0  # 400 Gb/s
 S3_GET_LIMIT = 5_500  # GET/s per prefix
+RANK_MB_PER_S, STORE_MB_PER_S, LOCAL_WRITE_MB_PER_S = 1_000, 100_000, 2_000  # a rank to S3, S3 in all, NVMe
+GPUS_PER_NODE = 8
+# Restart after a lost node at that size, assumed (not measured here): Ray's health check of a
+# silent node (5 missed checks 3 s apart, each up to 10 s: 15 to 65 s), a new node from the
+# autoscaler when the run waits for a full group, Ray Train starting 1,024 workers and their
+# process group, DeepSpeed's initialise, the stream's first window.
+DETECT_S, NEW_NODE_S, START_S, ENGINE_S, SEEK_S = 30.0, 300.0, 60.0, 30.0, 5.0
+# The universal conversion (ds_to_universal, one process a node), MB of checkpoint a second:
+# measured by this script's restart part on this machine (the reshard row), assumed the same
+# per byte at scale (2026-12-02: the 48 MB checkpoint of the CPU ResNet in 0.4 s)
+CONVERT_MB_PER_S = 120.0
+# Meta's Llama 3 run: 419 unexpected interruptions in 54 days on 16,384 GPUs
+GPU_MTBF_S = 54 * 86_400 * 16_384 / 419
 
 
 def at_scale_table(workers: int = 1024) -> list[str]:
@@ -314,7 +497,32 @@ def at_scale_table(workers: int = 1024) -> list[str]:
             f"{workers:,} GETs, {index['manifest'] * workers / 1e9:.1f} GB")
         add("checkpoint: total; rank 0 writes", f"{ckpt['total'] / 1e9:.2f} GB; {ckpt['per_rank_max'] / 1e9:.2f} GB")
         add("checkpoint upload (1 GB/s a rank, 100 GB/s the store)",
-            f"{scaling.checkpoint_seconds(w, workers, 1000, 100_000):.1f} s")
+            f"{scaling.checkpoint_seconds(w, workers, RANK_MB_PER_S, STORE_MB_PER_S):.1f} s")
+        held = ckpt["per_rank_max"] / (LOCAL_WRITE_MB_PER_S * 1e6)  # the loop waits for the local write
+        upload_steps = scaling.checkpoint_seconds(w, workers, RANK_MB_PER_S, STORE_MB_PER_S) / step_s
+        add("checkpoint_every = 50 (the default): loop held per checkpoint, share of the time",
+            f"{held:.2f} s every {50 * step_s:.1f} s: {100 * held / (held + 50 * step_s):.0f}%")
+        mtbf = GPU_MTBF_S / workers
+        every = scaling.checkpoint_interval_for(held, step_s, mtbf)
+        add(f"checkpoint_every for a job MTBF of {mtbf / 3600:.0f} h (Young): steps; share lost",
+            f"{every:,} ({every * step_s / 60:.0f} min); "
+            f"{100 * (held / (held + every * step_s) + every * step_s / 2 / mtbf):.2f}%")
+        lost = scaling.steps_lost(every, upload_steps)
+        wait = scaling.restart_seconds(w, workers, detect_s=DETECT_S, start_s=NEW_NODE_S + START_S,
+                                       engine_s=ENGINE_S, seek_s=SEEK_S, rank_mb_per_s=RANK_MB_PER_S,
+                                       store_mb_per_s=STORE_MB_PER_S, step_s=step_s, lost_steps=lost)
+        add("restart after a lost node, waiting for a new node (detect, new node + start, choose, "
+            "initialise, download, seek, redo)", f"{wait['total']:.0f} s (" + ", ".join(
+                f"{wait[k]:.0f}" for k in ("detect", "start", "choose", "engine", "download", "seek", "redo")) + ")")
+        if CONVERT_MB_PER_S:
+            nodes = workers // GPUS_PER_NODE - 1
+            elastic = scaling.restart_seconds(
+                w, workers - GPUS_PER_NODE, detect_s=DETECT_S, start_s=START_S, engine_s=ENGINE_S, seek_s=SEEK_S,
+                rank_mb_per_s=RANK_MB_PER_S, store_mb_per_s=STORE_MB_PER_S, step_s=step_s, lost_steps=lost,
+                convert_s=ckpt["total"] / (CONVERT_MB_PER_S * 1e6), resharded_nodes=nodes)
+            add(f"elastic restart on {workers - GPUS_PER_NODE:,} GPUs (run.min_workers; resharded: {nodes} nodes "
+                f"read the whole checkpoint and convert it at {CONVERT_MB_PER_S:.0f} MB/s)",
+                f"{elastic['total']:.0f} s (download {elastic['download']:.0f}, convert {elastic['convert']:.0f})")
     for name, values in cells.items():
         rows.append(f"| {name} | " + " | ".join(values) + " |")
     return rows
@@ -323,12 +531,12 @@ def at_scale_table(workers: int = 1024) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="1,2,4", help="W of the measured runs")
-    parser.add_argument("--only", default="reads,loss,engine,scale", help="which parts")
+    parser.add_argument("--only", default="reads,loss,engine,restart,scale", help="which parts")
     args = parser.parse_args()
     worker_counts = [int(w) for w in args.workers.split(",")]
     started = time.monotonic()
     for part in args.only.split(","):
-        table = {"reads": reads_table, "loss": loss_table, "engine": engine_table,
+        table = {"reads": reads_table, "loss": loss_table, "engine": engine_table, "restart": restart_table,
                  "scale": lambda _: at_scale_table()}[part](worker_counts)
         print("\n".join(["", *table]), flush=True)
     print(f"\n({time.monotonic() - started:.0f} s)")

@@ -224,3 +224,65 @@ def checkpoint_seconds(w: Workload, workers: int, rank_mb_per_s: float, store_mb
     together at most `store_mb_per_s` (the store's or the network's aggregate)."""
     c = checkpoint_bytes(w, workers)
     return max(c["per_rank_max"] / (rank_mb_per_s * 1e6), c["total"] / (store_mb_per_s * 1e6))
+
+
+# ---- restart after a lost worker ----------------------------------------------------------------
+
+
+def restore_read_bytes(w: Workload, workers: int, *, resharded_nodes: int = 0, job_start: bool = False) -> dict:
+    """Bytes a restart reads from the store: {"choose", "per_rank", "total"}.
+
+    checkpoint/resume.py: rank 0 chooses the checkpoint by reading every file of it once and
+    hashing it against its rank's digest (`layout.inspect`): the whole checkpoint. Then
+    checkpoint/restore.py, on the world size that wrote it: each rank downloads its own ZeRO
+    files and the shared model states (ZeRO-1/2: the weights; ZeRO-3: small module files),
+    which is the share rank 0 writes at a save. On another world size (`resharded_nodes` > 0)
+    one rank per node downloads the whole checkpoint to convert it. Small files (meta, stream
+    states, part lists: a few KB) are left out. `job_start`: a job started again (`--resume`,
+    not Ray Train restarting its workers in the same job), whose driver first checks the
+    newest checkpoint the same way (launch.prepare_resume): "choose" counts both reads."""
+    c = checkpoint_bytes(w, workers)
+    choose = c["total"] * (2 if job_start else 1)
+    if resharded_nodes:
+        return {"choose": choose, "per_rank": c["total"], "total": choose + c["total"] * resharded_nodes}
+    weights = w.params * w.precision_bytes
+    # every rank's share together: the optimizer state once, and under ZeRO-1/2 the weights W times
+    restored = c["total"] + (workers - 1) * weights if w.zero_stage in (1, 2) else c["total"]
+    return {"choose": choose, "per_rank": c["per_rank_max"], "total": choose + restored}
+
+
+def steps_lost(checkpoint_every: int, upload_steps: float) -> float:
+    """Steps a failure at a uniformly random moment undoes on average: half an interval, plus
+    the steps a checkpoint's asynchronous upload takes before Ray Train registers it (until
+    then a restart goes back to the one before)."""
+    return checkpoint_every / 2 + upload_steps
+
+
+def restart_seconds(w: Workload, workers: int, *, detect_s: float, start_s: float, engine_s: float,
+                    seek_s: float, rank_mb_per_s: float, store_mb_per_s: float, step_s: float,
+                    lost_steps: float, convert_s: float = 0.0, resharded_nodes: int = 0) -> dict:
+    """Seconds from a lost worker to the run back where it was, phase by phase, as
+    benchmarks/checkpoint.py and the attempt records split them, and their "total".
+
+    detect: Ray noticing the loss (a killed process: at once; a silent node: its health
+    check, 5 failed checks 3 s apart with 10 s timeouts, 15 to 50 s). start: Ray Train
+    stopping the group and starting W workers (and, for a lost node, a new node if the run
+    waits for one). choose: rank 0 lists the run and hashes the checkpoint (all of it) at
+    `rank_mb_per_s`. engine: DeepSpeed's initialise. download: each rank its share, at most
+    `rank_mb_per_s` each and `store_mb_per_s` together. convert: the universal conversion
+    (another world size only). seek: the stream's first window. redo: the steps since the
+    checkpoint, done again. The fixed terms are inputs, measured by benchmarks/scaling.py."""
+    reads = restore_read_bytes(w, workers, resharded_nodes=resharded_nodes)
+    rank_rate, store_rate = rank_mb_per_s * 1e6, store_mb_per_s * 1e6
+    phases = {"detect": detect_s, "start": start_s, "choose": reads["choose"] / rank_rate, "engine": engine_s,
+              "download": max(reads["per_rank"] / rank_rate, (reads["total"] - reads["choose"]) / store_rate),
+              "convert": convert_s, "seek": seek_s, "redo": lost_steps * step_s}
+    return {**phases, "total": sum(phases.values())}
+
+
+def checkpoint_interval_for(held_s: float, step_s: float, mtbf_s: float) -> int:
+    """Steps between checkpoints that minimise the time lost to checkpoints and failures
+    together (Young's first-order optimum: sqrt(2 x held x MTBF)), for a loop held `held_s`
+    per checkpoint (the local write and the report; the upload is asynchronous) and a mean
+    time between failures of the whole job `mtbf_s` (a node's MTBF / nodes)."""
+    return max(1, round(math.sqrt(2 * held_s * mtbf_s) / step_s))

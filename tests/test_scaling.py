@@ -131,3 +131,52 @@ def test_manifest_entry_size_is_what_shards_make_writes(tmp_path):
     sidecar = (tmp_path / "shards" / manifest["shards"][0]["index"]).stat().st_size
     assert sidecar == scaling.dataset_index_bytes(scaling.Workload(
         method="simclr", params=1, embed_dim=1, batch_size=1, shard_samples=20))["sidecar"]
+
+
+# ---- restart ---------------------------------------------------------------------------------
+
+
+def test_steps_lost_is_what_a_resume_from_the_newest_registered_checkpoint_redoes():
+    # Failures at uniformly random moments of a long run; a checkpoint of step k counts from
+    # step k + upload (its asynchronous upload registered), and a restart goes back to the
+    # newest counted one, as checkpoint/resume.py's find_resume does with Ray Train's handed one.
+    rng = np.random.default_rng(0)
+    for every, upload in [(50, 0), (50, 7), (200, 30), (10, 3)]:
+        failed_at = rng.uniform(every + upload, 100 * every, size=20_000)
+        newest = np.floor((failed_at - upload) / every) * every
+        assert np.mean(failed_at - newest) == pytest.approx(scaling.steps_lost(every, upload), rel=0.02)
+
+
+def test_checkpoint_interval_minimises_the_time_lost_to_checkpoints_and_failures():
+    held, step, mtbf = 2.0, 0.1, 8 * 3600.0
+
+    def lost_fraction(interval: int) -> float:  # held per interval, and half an interval per failure
+        return held / (interval * step + held) + interval * step / 2 / mtbf
+
+    best = scaling.checkpoint_interval_for(held, step, mtbf)
+    for other in (best // 2, best * 2, best - 50, best + 50):
+        assert lost_fraction(best) <= lost_fraction(other)
+
+
+def test_restart_reads_every_ranks_share_and_rank_0_hashes_the_whole_checkpoint():
+    w = scaling.Workload(method="clip", params=150_000_000, embed_dim=512, batch_size=64, precision_bytes=2)
+    ckpt = scaling.checkpoint_bytes(w, 8)
+    reads = scaling.restore_read_bytes(w, 8)
+    weights = w.params * 2
+    assert reads["choose"] == ckpt["total"]
+    assert reads["per_rank"] == ckpt["per_rank_max"]
+    assert reads["total"] == ckpt["total"] + 8 * weights + (ckpt["total"] - weights)  # the state once, weights 8x
+    stage3 = scaling.restore_read_bytes(dataclasses.replace(w, zero_stage=3), 8)
+    assert stage3["total"] == 2 * scaling.checkpoint_bytes(dataclasses.replace(w, zero_stage=3), 8)["total"]
+    resharded = scaling.restore_read_bytes(w, 8, resharded_nodes=2)
+    assert resharded["total"] == 3 * ckpt["total"]
+
+    fast = scaling.restart_seconds(w, 8, detect_s=1, start_s=2, engine_s=3, seek_s=4, rank_mb_per_s=1000,
+                                   store_mb_per_s=1e9, step_s=0.5, lost_steps=10)
+    assert fast["total"] == pytest.approx(sum(v for k, v in fast.items() if k != "total"))
+    assert fast["download"] == pytest.approx(ckpt["per_rank_max"] / 1e9)
+    assert fast["redo"] == 5.0
+    # a store slower than the ranks together bounds the download instead
+    slow = scaling.restart_seconds(w, 8, detect_s=1, start_s=2, engine_s=3, seek_s=4, rank_mb_per_s=1000,
+                                   store_mb_per_s=100, step_s=0.5, lost_steps=10)
+    assert slow["download"] == pytest.approx((reads["total"] - reads["choose"]) / 100e6)
