@@ -46,6 +46,19 @@ from ssl_dist import scaling  # noqa: E402  (after the tests folder is on the pa
 READ = dict(batch_size=16, loader_workers=2, shuffle_window=256, shard_samples=250, per_class=200)
 
 
+def recorded_requests(recording: Path):
+    """The requests in moto's recording: JSON objects one after the other (under concurrent
+    uploads the server's writes do not always end in a newline, so not read line by line)."""
+    text, decoder, at = recording.read_text(), json.JSONDecoder(), 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at >= len(text):
+            return
+        entry, at = decoder.raw_decode(text, at)
+        yield entry
+
+
 def measure_reads(workers: int, bucket_url: str, recording: Path, endpoint: str) -> dict:
     """Requests of one epoch of `bucket_url` read by `workers` ranks' Loaders (one after the other)."""
     import requests
@@ -61,8 +74,7 @@ def measure_reads(workers: int, bucket_url: str, recording: Path, endpoint: str)
             pass
     requests.post(f"{endpoint}/moto-api/recorder/stop-recording").raise_for_status()
     found = {"data_gets": 0, "sidecar_gets": 0, "data_bytes": 0, "other": {}}
-    for line in recording.read_text().splitlines():
-        entry = json.loads(line)
+    for entry in recorded_requests(recording):
         path = entry["url"].split("?", 1)[0]
         if entry["method"] == "GET" and path.endswith(".tar"):
             found["data_gets"] += 1
@@ -273,19 +285,6 @@ def engine_table(worker_counts: list[int]) -> list[str]:
 # ---- restart: a worker killed after the first registered checkpoint, at W workers ----------------
 
 RESTART = dict(batch_size=16, checkpoint_every=5, steps=16, per_class=40)
-
-
-def recorded_requests(recording: Path):
-    """The requests in moto's recording: JSON objects one after the other (under concurrent
-    uploads the server's writes do not always end in a newline, so not read line by line)."""
-    text, decoder, at = recording.read_text(), json.JSONDecoder(), 0
-    while True:
-        while at < len(text) and text[at].isspace():
-            at += 1
-        if at >= len(text):
-            return
-        entry, at = decoder.raw_decode(text, at)
-        yield entry
 
 
 def pretrain_recorded(workers: int, name: str, address: str, recording: Path, endpoint: str, *extra: str,

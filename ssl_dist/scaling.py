@@ -265,7 +265,7 @@ def restart_seconds(w: Workload, workers: int, *, detect_s: float, start_s: floa
     benchmarks/checkpoint.py and the attempt records split them, and their "total".
 
     detect: Ray noticing the loss (a killed process: at once; a silent node: its health
-    check, 5 failed checks 3 s apart with 10 s timeouts, 15 to 50 s). start: Ray Train
+    check, 5 failed checks 3 s apart with 10 s timeouts, 15 to 65 s). start: Ray Train
     stopping the group and starting W workers (and, for a lost node, a new node if the run
     waits for one). choose: rank 0 lists the run and hashes the checkpoint (all of it) at
     `rank_mb_per_s`. engine: DeepSpeed's initialise. download: each rank its share, at most
