@@ -16,7 +16,7 @@ import re
 import tempfile
 
 from ssl_dist.tracking import warning, within
-from ssl_dist.tracking.wandb_sink import SETTINGS, copy_offline, offline_copy_url
+from ssl_dist.tracking.wandb_sink import SETTINGS, copy_offline, finish_run, offline_copy_url
 
 UPLOAD_WAIT_S = 300.0  # an encoder's weights, tens to hundreds of MB: the run's end never waits longer
 
@@ -39,7 +39,7 @@ def log_artifacts(settings: dict, *, curves: str | None, encoder: str | None, ru
                          settings=wandb.Settings(**SETTINGS))
         run.log_artifact(_artifact(wandb, settings["group"], curves, encoder, run_url))
         link, copy_url = run.url, offline_copy_url(run, run_url)
-        if not within(UPLOAD_WAIT_S, run.finish):  # online: the upload happens here
+        if not within(UPLOAD_WAIT_S, lambda: finish_run(run)):  # online: the upload happens here
             warning(name, f"its artifacts were not uploaded within {UPLOAD_WAIT_S:.0f} s", run_url,
                     scope="the rest of this run")
             return

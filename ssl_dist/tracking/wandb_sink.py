@@ -59,7 +59,7 @@ class WandbSink:
         """End the W&B run (waiting at most FINISH_WAIT_S); offline, copy its folder a last time
         and say how to upload it."""
         try:
-            if not within(FINISH_WAIT_S, self.run.finish):
+            if not within(FINISH_WAIT_S, lambda: finish_run(self.run)):
                 warning(self.name, f"the run did not finish within {FINISH_WAIT_S:.0f} s", self.run_url)
                 return
             if self.copy_url is not None:
@@ -71,6 +71,20 @@ class WandbSink:
 
     def _copy(self) -> None:
         copy_offline(self.run.settings.sync_dir, self.copy_url, self.options)
+
+
+def finish_run(run) -> None:
+    """End `run`; offline, also wait until wandb's service has closed the run's file, so that a
+    copy holds all of it. run.finish() only tells the service to close the file (its last
+    step, `inform_finish`, does not wait) and the file may hold its header alone until then;
+    wandb.teardown() waits for the service process to exit, which closes every file. The
+    calling process holds one W&B run at a time (rank 0's attempt, or the driver's artifacts
+    run), so nothing else uses that service; the next wandb.init starts a new one."""
+    import wandb
+
+    run.finish()
+    if run.offline:
+        wandb.teardown()
 
 
 def offline_copy_url(run, run_url: str) -> str | None:
