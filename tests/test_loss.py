@@ -247,6 +247,27 @@ def test_no_grad_skips_gradient_work_and_gives_same_value():
         assert abs(value.item() - REFS[name](a, b, params).mean().item()) < 1e-12
 
 
+@pytest.mark.parametrize("lo, hi", [(-90.0, -20.0), (-20.0, 0.0), (0.0, 80.0)])
+def test_softplus_sum_is_accurate_where_log_of_1_plus_e_is_not(lo, hi):
+    """SigLIP's sum of log1p(exp(l)) in fp32, against fp64 log1p, from e = exp(-90) to exp(80).
+
+    Below e = 2^-24, 1 + e rounds to 1 and log(1 + e) is 0: the correction must carry it all.
+    """
+    from ssl_dist.loss.numerics import log1p_sum
+
+    e = torch.linspace(lo, hi, 10_001).exp()  # fp32
+    want = torch.log1p(e.double()).sum().item()
+    u, scratch = torch.empty_like(e), torch.empty_like(e)
+    got = log1p_sum(e, u, scratch).item()
+    assert abs(got - want) <= 1e-6 * want, (got, want)
+    assert torch.equal(u, e + 1)  # left for the caller's sigmoid, e / (1 + e)
+    per_element = torch.stack([log1p_sum(x, torch.empty(1), torch.empty(1)) for x in e[::97].split(1)])
+    rel = (per_element.double() - torch.log1p(e[::97].double())).abs() / torch.log1p(e[::97].double())
+    assert rel.max() < 3e-7, rel.max()  # ~2 ulps of fp32
+    if hi <= -20:  # where the naive formula fails, so this test would catch it
+        assert torch.log(1 + e).sum().item() < 0.5 * want
+
+
 def test_gradcache_api():
     z = [torch.randn(3, 4), torch.randn(2, 4)]
     loss, grads = embedding_grads(lambda x: (x**2).sum(), z)  # one field, tensors not tuples

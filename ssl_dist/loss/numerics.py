@@ -42,6 +42,19 @@ def without_autocast(forward):
     return wrapper
 
 
+def log1p_sum(e: torch.Tensor, u: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """sum(log1p(e)) of e >= 0 (any shape), to ~1 ulp per element; leaves 1 + e (rounded) in `u`.
+
+    u, scratch: buffers of e's shape, overwritten. Why not torch.log1p: on CPU it is scalar
+    code, 13x the time of the vectorised log, and SigLIP takes one per logit. log(u) alone,
+    u = 1 + e rounded, is off by that rounding (100% for e below 2^-24); with d = (u - 1) - e,
+    computed exactly, log(1 + e) = log(u - d) = log(u) - d / u to O((d / u)^2). Any rank.
+    """
+    torch.add(e, 1.0, out=u)
+    correction = torch.sub(u, 1.0, out=scratch).sub_(e).div_(u).sum()
+    return torch.log(u, out=scratch).sum() - correction
+
+
 def row_chunks(n: int, chunk_size: int | None):
     step = n if chunk_size is None else max(1, int(chunk_size))
     return [(i, min(i + step, n)) for i in range(0, n, step)]

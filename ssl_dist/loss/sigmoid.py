@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ssl_dist.loss.gather import rank_and_world
-from ssl_dist.loss.numerics import compute_dtype, needs_grad, row_chunks, scalar_like, without_autocast
+from ssl_dist.loss.numerics import compute_dtype, log1p_sum, needs_grad, row_chunks, scalar_like, without_autocast
 
 # SigLIP: logits above this are clamped before exp; softplus(l) = l there, to 1e-35 (fp32).
 _SIGMOID_CLAMP = {torch.float32: 80.0, torch.float64: 700.0}
@@ -48,7 +48,7 @@ def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0, work, masked=None
     Every logit l = <scaled_i, blk_j> + bias is scored as a negative, softplus(l), whose
     gradient is sigmoid(l); the caller adds the positives' correction. diag0: for the own
     block, the column of the chunk's first row (its positive), else None; the gradient
-    there becomes sigmoid(l) - 1. work: two (>= rows, n) buffers, reused (no page faults).
+    there becomes sigmoid(l) - 1. work: three (>= rows, n) buffers, reused (no page faults).
     masked: None, or (row indices, column indices) of the chunk's invalid anchors and of the
     block's invalid columns, and the chunk's rows' validity as 0./1. (rows,): their logits are
     set to _MASKED, where softplus and sigmoid are exactly 0 (no loss, no gradient; no mask
@@ -66,10 +66,9 @@ def _sigmoid_chunk(scaled, blk, bias, clamp, need_grad, diag0, work, masked=None
         excess = torch.clamp(e, min=clamp, out=tmp).sum() - clamp * tmp.numel()
         e.clamp_(max=clamp)
     e.exp_()
-    loss = torch.log1p(e, out=tmp).sum() + excess  # softplus(l) = log(1 + exp(l))
+    loss = log1p_sum(e, tmp, work[2][:rows]) + excess  # sum of softplus(l) = log(1 + exp(l)); tmp = 1 + e
     if not need_grad:
         return loss, None
-    torch.add(e, 1.0, out=tmp)
     p = e.div_(tmp)  # sigmoid(l) = exp(l) / (1 + exp(l)), in place
     if diag0 is not None:  # the own pairs, on the diagonal from (0, diag0); an invalid one has p = 0 there
         idx = torch.arange(rows, device=p.device)
@@ -85,7 +84,7 @@ class _SigLipRing(torch.autograd.Function):
     ranks it has visited. It adds its own share, and passes both to the right; after W steps
     each block's gradient, summed over every rank, is back at the rank that owns it. The
     next block is received while the current one is being used, so a rank holds at most
-    two blocks of (n, D), their gradients, and one chunk of logits. As in the other losses
+    two blocks of (n, D), their gradients, and three chunk-sized buffers. As in the other losses
     the gradient is computed in the forward pass; the backward only scales it.
 
     Per logit l with label y (+1 for the own pair, -1 otherwise): loss = softplus(-y l) =
@@ -108,7 +107,7 @@ class _SigLipRing(torch.autograd.Function):
         counted = a.new_zeros(())  # valid columns seen around the ring: the global count
         acc_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of blk, transposed
         spans = row_chunks(n, chunk_size)
-        work = a.new_empty(2, spans[0][1], n)  # reused by every chunk of every block
+        work = a.new_empty(3, spans[0][1], n)  # reused by every chunk of every block
         for k in range(world):
             pending = _shift_right(blk, group) if k + 1 < world else None  # overlaps the products
             pending_keep = _shift_right(blk_keep, group, tag=2) if keep is not None and k + 1 < world else None
@@ -176,7 +175,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
     No rank ever holds the gathered batch: one neighbour's (n, D) block at a time comes by
     send/recv (with its gradient, which travels back to its owner the same way).
     chunk_size: rows per chunk of each (n x n) block (None: the whole block); peak memory of
-    the loss ~ 2 x chunk x n x 4 B plus a few (n, D) blocks. (chunk_size is an addition to
+    the loss ~ 3 x chunk x n x 4 B plus a few (n, D) blocks. (chunk_size is an addition to
     the issue's signature, keyword-only with a default, so the stated API is unchanged.)
     """
     dtype = compute_dtype(a, b)
