@@ -5,20 +5,28 @@
 Each local batch size runs in a freshly spawned group of ranks (gloo on 127.0.0.1, one
 thread each) that measures its configurations interleaved: after a warm-up run of each, every
 repetition runs every configuration once, so a change of load on the machine hits them all
-alike. Peak memory of a run: freed heap is returned (malloc_trim), the peak RSS is reset
-(/proc/self/clear_refs), and the peak (VmHWM) after the run minus the RSS before it is the
-run's; max over runs and ranks. Time: the median over the repetitions of the slowest rank's
-forward + backward, and the same in CPU time of the rank's process (time.process_time, all its
-threads), on which the ratios are based: on a shared machine wall time also measures the
-neighbours' load. Above 8192 rows per rank: one run, no warm-up.
+alike. Time: the median over the repetitions of the slowest rank's forward + backward, and the
+same in CPU time of the rank's process (time.process_time, all its threads), on which the
+ratios are based: on a shared machine wall time also measures the neighbours' load. These
+repetitions run back to back, as the steps of a training loop do, with the allocator's memory
+kept from one to the next. Peak memory is measured apart, after them, in a quarter as many
+runs (1 to 25), each from a trimmed heap: freed heap is
+returned (malloc_trim), the peak RSS is reset (/proc/self/clear_refs), and the peak (VmHWM)
+after the run minus the RSS before it is the run's; max over runs and ranks. Those runs' CPU
+time is the column "cold cpu s": what a step costs when every buffer is a fresh page (earlier
+versions of this benchmark timed only such runs). Repetitions: enough for about a second per
+configuration at small sizes (--reps overrides); above 8192 rows per rank: one run, no warm-up.
 
-Compared, on the same inputs: ssl_dist.loss (unchunked, chunked; SigLIP's ring), a
+Compared, on the same inputs: ssl_dist.loss (every row at once, chunked, and as a user gets it by
+default, chunk_size=None, which picks the chunk from the sizes; SigLIP's ring), a
 straightforward all-gather-then-full-global-matrix implementation written here, and the peers
 as they ship, when installed (benchmark only, not project dependencies): lightly's
 NTXentLoss(gather_distributed=True), open_clip's ClipLoss(local_loss=True,
 gather_with_grad=True) and open_clip's SigLipLoss (its default bidirectional exchange). The
 floor is the time of the loss's three matrix products alone (logits, and the two gradient
-products), forward and backward, measured in the same run. Configurations whose estimated
+products), forward and backward, measured in the same run; the row "collectives only" is the
+time of what ours sends and receives, with no arithmetic (see collectives_step), so that a
+row of ours reads as floor + collectives + the rest. Configurations whose estimated
 memory exceeds what this machine has are skipped with their estimate, not run into swap.
 Every implementation's rank-0 loss and input gradients are compared with ours, unchunked
 (or chunked where unchunked does not fit): column "agrees" is the largest relative
@@ -49,25 +57,31 @@ GIB = 2**30
 @dataclass(frozen=True)
 class Impl:
     loss: str  # nt_xent | clip | siglip
-    name: str  # ours | ours_chunked | straightforward | lightly | open_clip | floor
+    name: str  # ours | ours_chunked | ours_auto | straightforward | lightly | open_clip | floor | collectives
     label: str
     peer_module: str | None = None  # import needed, for peers
 
 
 IMPLS = [
     Impl("nt_xent", "floor", "floor: matrix products only"),
+    Impl("nt_xent", "collectives", "collectives only (what ours sends)"),
     Impl("nt_xent", "ours", "ssl_dist nt_xent, unchunked"),
     Impl("nt_xent", "ours_chunked", "ssl_dist nt_xent, chunk {chunk}"),
+    Impl("nt_xent", "ours_auto", "ssl_dist nt_xent, default (auto chunk)"),
     Impl("nt_xent", "straightforward", "all-gather + full 2Nx2N"),
     Impl("nt_xent", "lightly", "lightly NTXentLoss", "lightly"),
     Impl("clip", "floor", "floor: matrix products only"),
+    Impl("clip", "collectives", "collectives only (what ours sends)"),
     Impl("clip", "ours", "ssl_dist clip_loss, unchunked"),
     Impl("clip", "ours_chunked", "ssl_dist clip_loss, chunk {chunk}"),
+    Impl("clip", "ours_auto", "ssl_dist clip_loss, default (auto chunk)"),
     Impl("clip", "straightforward", "all-gather + full NxN"),
     Impl("clip", "open_clip", "open_clip ClipLoss", "open_clip"),
     Impl("siglip", "floor", "floor: matrix products only"),
+    Impl("siglip", "collectives", "collectives only (what ours sends)"),
     Impl("siglip", "ours", "ssl_dist siglip ring, unchunked"),
     Impl("siglip", "ours_chunked", "ssl_dist siglip ring, chunk {chunk}"),
+    Impl("siglip", "ours_auto", "ssl_dist siglip ring, default (auto chunk)"),
     Impl("siglip", "straightforward", "all-gather + full NxN"),
     Impl("siglip", "open_clip", "open_clip SigLipLoss (bidir)", "open_clip"),
 ]
@@ -85,21 +99,26 @@ def logit_shape(loss: str, n: int) -> tuple[int, int]:
 
 
 def estimate_bytes(impl: Impl, n: int, d: int, chunk: int) -> float:
+    from ssl_dist.loss.numerics import auto_chunk
+
     rows, cols = logit_shape(impl.loss, n)
     local = rows * cols * 4  # fp32 logit matrix of the rank
     full = cols * cols * 4  # the whole global matrix
     vectors = 12 * cols * d * 4  # embeddings, gathered copies, gradients
     per_impl = {
         "floor": min(rows, chunk) * cols * 4,
+        "collectives": 0,
         "ours": 1.2 * local,
         "ours_chunked": 2.2 * min(rows, chunk) * cols * 4,
         "straightforward": 4.5 * full,  # logits, masked copy, softmax, its gradient
         "lightly": 5.0 * local,  # four blocks, their concatenation, softmax, gradient
         "open_clip": 6.0 * local,
     }
-    if impl.loss == "siglip":  # ours: one (chunk x n) block at a time
-        per_impl["ours"] = 2.2 * n * n * 4
-        per_impl["ours_chunked"] = 2.2 * min(n, chunk) * n * 4
+    per_impl["ours_auto"] = 2.2 * min(rows, auto_chunk(rows, cols, 4, "cpu")) * cols * 4
+    if impl.loss == "siglip":  # ours: three (chunk x n) buffers
+        per_impl["ours"] = 3.2 * n * n * 4
+        per_impl["ours_chunked"] = 3.2 * min(n, chunk) * n * 4
+        per_impl["ours_auto"] = 3.2 * min(n, auto_chunk(n, n, 4, "cpu")) * n * 4
         per_impl["floor"] = min(n, chunk) * cols * 4
     return per_impl[impl.name] + vectors
 
@@ -149,8 +168,9 @@ def make_step(impl: Impl, a, b, rank: int, chunk: int):
 
     from ssl_dist import loss as L
 
-    c = chunk if impl.name == "ours_chunked" else None
-    if impl.name in ("ours", "ours_chunked"):
+    # ours: every row at once (a chunk as large as the rows); ours_auto: chunk_size=None, the default
+    c = {"ours_chunked": chunk, "ours_auto": None}.get(impl.name, 2 * a.shape[0])
+    if impl.name in ("ours", "ours_chunked", "ours_auto"):
         if impl.loss == "nt_xent":
             return lambda: L.nt_xent(a, b, TAU, chunk_size=c)
         if impl.loss == "clip":
@@ -205,6 +225,31 @@ def floor_step(impl: Impl, n: int, d: int, chunk: int):
     return run
 
 
+def collectives_step(impl: Impl, n: int, d: int):
+    """What ssl_dist's loss sends and receives, alone: softmax.py's gather of the rank's
+    (rows, F) block and, in backward, its reduce-scatter; sigmoid.py's W - 1 shifts of an
+    (n, D) block and W - 1 of its gradient around the ring. The time the process group
+    (gloo here, a CPU-side cost that NCCL moves to the device) adds to the matrix products."""
+    import torch
+
+    from ssl_dist.loss import gather
+    from ssl_dist.loss.sigmoid import _shift_right, _wait_all
+
+    if impl.loss == "siglip":
+        block = torch.randn(n, d)
+
+        def ring():
+            for _ in range(2 * (WORLD - 1)):
+                works, _received = _shift_right(block, None)
+                _wait_all(works)
+            return torch.zeros(())
+
+        return ring
+    rows, width = (2 * n, d) if impl.loss == "nt_xent" else (n, 2 * d)
+    x = torch.randn(rows, width, requires_grad=True)
+    return lambda: gather(x).sum()
+
+
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -243,11 +288,16 @@ class Config:
         self.impl, self.n = impl, n
         self.a = torch.randn(n, d, generator=gen).requires_grad_()
         self.b = torch.randn(n, d, generator=gen).requires_grad_()
-        self.step = (floor_step(impl, n, d, chunk) if impl.name == "floor"
-                     else make_step(impl, self.a, self.b, rank, chunk))
-        self.times, self.cpu, self.peak, self.loss = [], [], 0, float("nan")
+        if impl.name == "floor":
+            self.step = floor_step(impl, n, d, chunk)
+        elif impl.name == "collectives":
+            self.step = collectives_step(impl, n, d)
+        else:
+            self.step = make_step(impl, self.a, self.b, rank, chunk)
+        self.times, self.cpu, self.cold_cpu, self.peak, self.loss = [], [], [], 0, float("nan")
 
     def run(self, measure_memory: bool) -> None:
+        """One forward + backward: timed (steady heap), or measured for memory (trimmed heap)."""
         import torch.distributed as dist
 
         self.a.grad = self.b.grad = None
@@ -257,10 +307,13 @@ class Config:
         loss = self.step()
         if loss.requires_grad:
             loss.backward()
-        self.times.append(time.perf_counter() - t0)
-        self.cpu.append(time.process_time() - c0)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         if measure_memory:
             self.peak = max(self.peak, peak_bytes() - base)
+            self.cold_cpu.append(cpu)
+        else:
+            self.times.append(wall)
+            self.cpu.append(cpu)
         self.loss = float(loss.detach())
 
 
@@ -289,22 +342,43 @@ def worker(rank: int, port: int, specs: list, d: int, chunk: int, reps: int, war
                 c.cpu.clear()
         for _ in range(reps):
             for c in configs:
+                c.run(measure_memory=False)
+        for _ in range(memory_runs(reps)):
+            for c in configs:
                 c.run(measure_memory=True)
         for c in configs:
-            mine = torch.tensor([statistics.median(c.times), statistics.median(c.cpu), c.peak], dtype=torch.float64)
+            mine = torch.tensor([statistics.median(c.times), statistics.median(c.cpu), c.peak,
+                                 statistics.median(c.cold_cpu)], dtype=torch.float64)
             everyone = [torch.zeros_like(mine) for _ in range(WORLD)]
             dist.all_gather(everyone, mine)
             if rank == 0:
                 out = Path(tmp) / f"{c.impl.loss}-{c.impl.name}-{c.n}"
                 res = {"time": max(float(x[0]) for x in everyone), "cpu": max(float(x[1]) for x in everyone),
-                       "peak": max(float(x[2]) for x in everyone), "loss": c.loss}
+                       "peak": max(float(x[2]) for x in everyone), "cold_cpu": max(float(x[3]) for x in everyone),
+                       "loss": c.loss}
                 out.with_suffix(".json").write_text(json.dumps(res))
-                if c.impl.name != "floor":
+                if c.impl.name not in ("floor", "collectives"):
                     torch.save({"loss": c.loss, "ga": c.a.grad, "gb": c.b.grad}, out.with_suffix(".pt"))
                 print(f"  {c.impl.loss:8s} {c.impl.label.format(chunk=chunk):36s} n={c.n:<6d} {res['time']:8.3f} s "
                       f"(cpu {res['cpu']:8.3f} s) {res['peak'] / GIB:6.2f} GiB", flush=True)
+        dist.barrier()  # no rank tears the group down while another still talks (gloo aborts then)
     finally:
         dist.destroy_process_group()
+
+
+def memory_runs(reps: int) -> int:
+    """Runs from a trimmed heap for the peak memory and the cold CPU time: a quarter of the
+    timed repetitions, at least 1 and at most 25."""
+    return max(1, min(25, reps // 4))
+
+
+def default_reps(n: int) -> int:
+    """Timed repetitions at n rows per rank: about a second per configuration below 4096
+    rows (a 256-row loss takes milliseconds, and one noisy run moves a median of 3), 3 up
+    to 8192, 1 above."""
+    if n > 8192:
+        return 1
+    return {256: 100, 512: 60, 1024: 30, 2048: 10}.get(n, 3 if n >= 4096 else max(3, 25600 // n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +427,8 @@ def main(argv=None) -> None:
     p.add_argument("--sizes", default="256,1024,4096,32768", help="local batch sizes per rank, comma-separated")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--chunk", type=int, default=1024, help="anchor rows per chunk for the chunked versions")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions (1, no warm-up, above 8192 rows)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="timed repetitions (default: from the size, see default_reps; 1, no warm-up, above 8192 rows)")
     p.add_argument("--losses", default="nt_xent,clip,siglip")
     p.add_argument("--max-gib", type=float, default=8.0, help="skip configurations estimated above this per rank")
     args = p.parse_args(argv)
@@ -380,7 +455,7 @@ def main(argv=None) -> None:
                     plan.append((impl, None))
                     specs.append((impl, n))
             large = n > 8192
-            run_group(specs, args.dim, args.chunk, 1 if large else args.reps, not large, tmp)
+            run_group(specs, args.dim, args.chunk, 1 if large else (args.reps or default_reps(n)), not large, tmp)
             for loss in losses:
                 results = {}
                 for impl, reason in plan:
@@ -400,7 +475,7 @@ def add_ratios(loss: str, n: int, results: dict, tmp: Path) -> None:
     ref_name = "ours" if "ours" in results else "ours_chunked"
     ref = tmp / f"{loss}-{ref_name}-{n}.pt"
     for name, res in results.items():
-        if name not in ("floor", ref_name) and ref.exists():
+        if name not in ("floor", "collectives", ref_name) and ref.exists():
             res["agrees"] = agreement(ref, tmp / f"{loss}-{name}-{n}.pt")
     # Ratios of CPU time: on a shared machine, wall time also measures the neighbours.
     floor = results.get("floor")
@@ -409,6 +484,7 @@ def add_ratios(loss: str, n: int, results: dict, tmp: Path) -> None:
     best_m = min((r["peak"] for r in peers), default=None)
     for name, res in results.items():
         res["x_floor"] = res["cpu"] / floor["cpu"] if floor else None
+        res["x_floor_cold"] = res["cold_cpu"] / floor["cold_cpu"] if floor else None
         if name.startswith("ours") and best_t:
             res["x_peer_t"] = res["cpu"] / best_t
             res["x_peer_m"] = res["peak"] / best_m
@@ -416,8 +492,8 @@ def add_ratios(loss: str, n: int, results: dict, tmp: Path) -> None:
 
 def print_table(rows) -> None:
     head = ["loss", "implementation", "n/rank", "wall s", "cpu s", "peak GiB", "x floor", "cpu / best peer",
-            "mem / best peer", "loss (rank 0)", "agrees"]
-    widths = [8, 34, 6, 8, 8, 8, 7, 15, 15, 13, 7]
+            "mem / best peer", "cold cpu s", "x floor cold", "loss (rank 0)", "agrees"]
+    widths = [8, 40, 6, 8, 8, 8, 7, 15, 15, 10, 12, 13, 7]
     print()
     print(fmt_row(head, widths))
     print("-" * (sum(widths) + 2 * len(widths)))
@@ -433,14 +509,16 @@ def print_table(rows) -> None:
         def r(key, f="{:.2f}"):
             return f.format(res[key]) if res.get(key) is not None else "-"
 
-        floor_row = label.startswith("floor")
-        print(fmt_row([loss, label, n, f"{res['time']:.3f}", f"{res['cpu']:.3f}",
+        floor_row = label.startswith(("floor", "collectives"))
+        print(fmt_row([loss, label, n, f"{res['time']:.4f}", f"{res['cpu']:.4f}",
                        "-" if floor_row else f"{res['peak'] / GIB:.3f}",
-                       r("x_floor"), r("x_peer_t"), r("x_peer_m"), "-" if floor_row else f"{res['loss']:.6f}",
+                       r("x_floor"), r("x_peer_t"), r("x_peer_m"), f"{res['cold_cpu']:.4f}", r("x_floor_cold"),
+                       "-" if floor_row else f"{res['loss']:.6f}",
                        r("agrees", "{:.1e}")], widths))
     print("\nwall s: median forward + backward time of the slowest rank; cpu s: the same in CPU seconds of the "
           "rank's process (robust to other load on the machine). x floor: cpu s / cpu s of the matrix products "
-          "alone. cpu, mem / best peer: ours against the fastest (smallest) peer that ran at that size. agrees: "
+          "alone. cpu, mem / best peer: ours against the fastest (smallest) peer that ran at that size. cold cpu s, x floor "
+          "cold: the same from a trimmed heap, every buffer a fresh page (the memory runs). agrees: "
           "largest relative difference of rank 0's loss and input gradients against ssl_dist unchunked (chunked "
           "where unchunked did not run).")
 

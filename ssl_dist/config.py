@@ -33,7 +33,7 @@ NON_NEGATIVE = {
     "run.min_workers": "0 (fixed size) or between 1 and run.num_workers",
     "train.max_minutes": "0 (no limit) or positive", "train.checkpoint_minutes": "0 (off) or positive",
     "data.read_retries": "0 or more", "data.loader_workers": "0 or more",
-    "loss.chunk_size": "0 (whole) or positive", "optim.grad_clip": "0 (no clipping) or positive",
+    "loss.chunk_size": "0 (auto) or positive", "optim.grad_clip": "0 (no clipping) or positive",
     "eval.every": "0 (off) or more", "eval.max_samples": "0 (all) or more",
 }
 
@@ -111,7 +111,9 @@ class LossConfig:
     temperature: float = 0.2
     """Softmax temperature of NT-Xent."""
     chunk_size: int = 0
-    """Anchor rows per chunk of the similarity matrix (recomputed in backward); 0 computes it whole."""
+    """Anchor rows per chunk of the similarity matrix; 0 picks them from the sizes (the whole matrix
+    while it fits 6 MiB on CPU, 1 GiB on a GPU: ssl_dist/loss/numerics.py auto_chunk); a number at
+    least the anchor rows computes it whole."""
 
 
 @dataclass

@@ -8,7 +8,7 @@ for a 1,024-GPU workload; docs/scaling.md explains them and what breaks first.
 - Loss memory and gathered bytes: loss/softmax.py (NT-Xent, CLIP, MoCo v3: one all-gather of
   fp32 rows plus their validity column, a (chunk x M) logits workspace, the gradient of the
   gathered rows kept transposed and then contiguous) and loss/sigmoid.py (SigLIP: blocks and
-  their gradients around a ring, two (chunk x n) buffers).
+  their gradients around a ring, three (chunk x n) buffers).
 - Gradient and parameter traffic: DeepSpeed's ZeRO stages as engine.py configures them, as
   DeepSpeed's comms logger shows them.
 - S3 requests: data/plan.py lays an epoch out in windows of `window_batches` global batches;
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+
+from ssl_dist.loss.numerics import auto_chunk
 
 FP32 = 4
 SIDECAR_BYTES_PER_SAMPLE = 8  # one little-endian uint64 offset per sample (shards/manifest.py)
@@ -39,7 +41,8 @@ class Workload:
     params: int  # trainable parameters of the engine's module
     embed_dim: int  # D: width of the loss's embeddings
     batch_size: int  # n: samples per rank per step
-    chunk_size: int | None = None  # loss.chunk_size (None: one chunk)
+    chunk_size: int | None = None  # loss.chunk_size (None: the loss's own choice, numerics.auto_chunk)
+    device: str = "cuda"  # where the loss runs: sets auto_chunk's budget
     zero_stage: int = 2
     precision_bytes: int = FP32  # 4 (fp32) or 2 (bf16): weights and gradients on the wire
     optimizer: str = "adamw"
@@ -80,17 +83,18 @@ def loss_memory_bytes(w: Workload, workers: int) -> int:
     transposed (F x M), each set's (m x D) anchor gradient, and the larger of the logits
     workspace (chunk x M, freed after the passes) and the contiguous copy of the gradient
     saved for backward (M x F, made after them). The block handed to the gather lives only
-    during the gather. sigmoid.py: two (chunk x n) buffers (alive to the end), the anchor
-    gradient and the travelling gradient of the other field, its contiguous copy and both
-    divided by the valid count, saved for backward (5 x n x D), and with more than one rank
-    the block and the gradient arriving while the current ones are used (2 x n x D).
+    during the gather. sigmoid.py: three (chunk x n) buffers (alive to the end), the anchor
+    gradient, the own block's gradient (D x n) and its contiguous copy, saved for backward
+    (3 x n x D), and with more than one rank the block arriving while the current one is
+    used, the gradient of the block at hand, and the one arriving (3 x n x D). chunk: the
+    Workload's, or the loss's own choice for its device (numerics.auto_chunk).
     """
     s, n, d = loss_shapes(w, workers), w.batch_size, w.embed_dim
-    chunk = min(w.chunk_size or s["m"], s["m"])
+    chunk = min(w.chunk_size or auto_chunk(s["m"], s["M"], FP32, w.device), s["m"])
     inputs = 2 * n * d
     if w.method == "siglip":
-        arriving = 2 * n * d if workers > 1 else 0
-        return FP32 * (inputs + 2 * chunk * n + 5 * n * d + arriving)
+        arriving = 3 * n * d if workers > 1 else 0
+        return FP32 * (inputs + 3 * chunk * n + 3 * n * d + arriving)
     anchors = 2 * n * d if w.method == "simclr" else 0
     held = inputs + anchors + s["M"] * s["F"] + s["F"] * s["M"] + s["sets"] * s["m"] * d
     return FP32 * (held + max(chunk * s["M"], s["M"] * s["F"]))
@@ -101,13 +105,13 @@ def gathered_bytes(w: Workload, workers: int) -> dict:
 
     softmax.py: an all-gather of (M, F) fp32 rows (the rank's own block included, as the
     collective's output is that size) and its backward, a reduce-scatter of the same
-    size. sigmoid.py: W - 1 blocks of (n, D) and W travelling gradients of (D, n)."""
+    size. sigmoid.py: W - 1 blocks of (n, D) and W - 1 travelling gradients of (D, n)."""
     if workers == 1:
         return {"forward": 0, "backward": 0}
     s = loss_shapes(w, workers)
     if w.method == "siglip":
         block = FP32 * w.batch_size * w.embed_dim
-        return {"forward": (workers - 1) * block, "backward": workers * block}
+        return {"forward": (workers - 1) * block, "backward": (workers - 1) * block}
     size = FP32 * s["M"] * s["F"]
     return {"forward": size, "backward": size}
 

@@ -227,13 +227,26 @@ def test_peak_memory_scales_with_chunk_not_batch():
     z1 = torch.randn(2048, 32, requires_grad=True)
     z2 = torch.randn(2048, 32, requires_grad=True)
     peaks = {}
-    for chunk in (128, None, 128):  # the first run warms up
+    for chunk in (128, 4096, None, 128):  # the first run warms up; 4096: every row at once
         z1.grad = z2.grad = None
         base = reset_peak_rss()
         L.nt_xent(z1, z2, 0.1, chunk_size=chunk).backward()
         peaks[chunk] = (peak_rss() - base) / 2**20
     assert peaks[128] < 16, peaks  # 2 MiB of logits plus (N, D) vectors and their gradients
-    assert peaks[None] > 48, peaks  # the measurement sees a full matrix when there is one
+    assert peaks[4096] > 48, peaks  # the measurement sees a full matrix when there is one
+    assert peaks[None] < 20, peaks  # the automatic chunk: 6 MiB of logits (numerics.auto_chunk)
+
+
+def test_the_automatic_chunk_is_whole_when_small_and_bounded_when_large():
+    from ssl_dist.loss.numerics import AUTO_CHUNK_BYTES, AUTO_CHUNK_MIN_ROWS, auto_chunk
+
+    assert auto_chunk(512, 1024, 4, "cpu") == 512  # 2 MiB: whole
+    rows = auto_chunk(8192, 4096, 4, "cpu")  # 128 MiB whole
+    assert rows % 32 == 0 and rows * 4096 * 4 <= AUTO_CHUNK_BYTES["cpu"] < (rows + 32) * 4096 * 4
+    assert auto_chunk(8192, 16384, 4, "cpu") == AUTO_CHUNK_MIN_ROWS  # 96 rows would fit: too thin
+    assert auto_chunk(100, 10**7, 4, "cpu") == 100  # fewer rows than the minimum: all of them
+    assert auto_chunk(4096, 8192, 4, "cuda") == 4096  # 128 MiB: whole on a GPU
+    assert auto_chunk(65536, 2**20, 4, "cuda") == 256  # 256 GiB whole: 1 GiB chunks
 
 
 def test_no_grad_skips_gradient_work_and_gives_same_value():

@@ -111,7 +111,7 @@ def test_loss_memory_is_the_peak_the_loss_holds():
     for key, peak in peaks.items():
         method, chunk = key.split("-")
         w = scaling.Workload(method=method, params=1, embed_dim=d, batch_size=n,
-                             chunk_size=None if chunk == "None" else int(chunk))
+                             chunk_size=None if chunk == "None" else int(chunk), device="cpu")
         predicted = scaling.loss_memory_bytes(w, 1)
         # what the model leaves out (temporaries of the normalisation, small vectors): at most
         # four (n, D) fp32 tensors' worth

@@ -55,6 +55,33 @@ def log1p_sum(e: torch.Tensor, u: torch.Tensor, scratch: torch.Tensor) -> torch.
     return torch.log(u, out=scratch).sum() - correction
 
 
-def row_chunks(n: int, chunk_size: int | None):
-    step = n if chunk_size is None else max(1, int(chunk_size))
+# Bytes of one (chunk x columns) logits buffer that chunk_size=None aims for. On CPU: the
+# elementwise passes over the buffer (exp, log, sums) are memory-bound once it leaves the
+# caches, and near 6 MiB (this machine: 2 MiB L2 a core, 32 MiB L3) the losses run within a
+# few % of their best chunk at 4,096 to 8,192 columns, against 10-20% slower whole
+# (benchmarks/loss.py). On an accelerator chunking only bounds memory: 1 GiB.
+AUTO_CHUNK_BYTES = {"cpu": 6 * 2**20}
+AUTO_CHUNK_BYTES_ACCELERATOR = 2**30
+# ... but never fewer rows than this: every chunk also adds a rank-`rows` update into the
+# (D x M) gradient of the columns, which a thin chunk pays for in memory traffic (NT-Xent at
+# 4,096 a rank, W = 2, 16,384 columns: 96-row chunks 1.30x the floor, 1,024-row ones 1.20x).
+AUTO_CHUNK_MIN_ROWS = 256
+
+
+def auto_chunk(rows: int, cols: int, itemsize: int, device_type: str) -> int:
+    """Rows per chunk of a (rows x cols) logits matrix when the caller gave chunk_size=None.
+
+    All rows when the matrix fits AUTO_CHUNK_BYTES for `device_type` ("cpu", "cuda", ...),
+    else the rows that fit it, a multiple of 32, and at least AUTO_CHUNK_MIN_ROWS (or all
+    rows, if fewer). Pure arithmetic: any rank, and the scaling model (ssl_dist/scaling.py)
+    calls it too.
+    """
+    budget = AUTO_CHUNK_BYTES.get(device_type, AUTO_CHUNK_BYTES_ACCELERATOR)
+    fit = budget // max(1, cols * itemsize)
+    return rows if fit >= rows else min(rows, max(AUTO_CHUNK_MIN_ROWS, fit // 32 * 32))
+
+
+def row_chunks(n: int, chunk_size: int | None, cols: int, like: torch.Tensor):
+    """(start, end) of each chunk of n rows against `cols` columns; chunk_size None: auto_chunk."""
+    step = auto_chunk(n, cols, like.element_size(), like.device.type) if chunk_size is None else max(1, int(chunk_size))
     return [(i, min(i + step, n)) for i in range(0, n, step)]

@@ -80,12 +80,14 @@ class _SigLipRing(torch.autograd.Function):
     """sum over this rank's n anchors and all N columns of the SigLIP sigmoid loss.
 
     The other field's blocks go around the ring: at step k (k = 0..W-1) this rank holds the
-    block of rank (rank - k) mod W together with that block's gradient accumulated by the
-    ranks it has visited. It adds its own share, and passes both to the right; after W steps
-    each block's gradient, summed over every rank, is back at the rank that owns it. The
-    next block is received while the current one is being used, so a rank holds at most
-    two blocks of (n, D), their gradients, and three chunk-sized buffers. As in the other losses
-    the gradient is computed in the forward pass; the backward only scales it.
+    block of rank (rank - k) mod W. At step 0 (its own block) it keeps its share of the
+    block's gradient; at step k >= 1 it adds its share to the gradient that the ranks of steps
+    1..k-1 accumulated (received during this step's products) and passes the sum to the right,
+    so that after step W-1 each block's gradient, summed over the other ranks, arrives at the
+    rank that owns it: W-1 blocks and W-1 gradients on the wire, each hop overlapping the
+    next step's products. A rank holds at most two blocks of (n, D), three gradients of
+    (D, n), and three chunk-sized buffers. As in the other losses the gradient is computed in
+    the forward pass; the backward only scales it.
 
     Per logit l with label y (+1 for the own pair, -1 otherwise): loss = softplus(-y l) =
     softplus(l) - [y=+1] l, and d loss / d l = sigmoid(l) - [y=+1].
@@ -105,8 +107,9 @@ class _SigLipRing(torch.autograd.Function):
         keep = None if valid is None else valid.to(a.dtype)  # (n,) 0./1.: this rank's rows
         blk_keep = keep  # the validity of the columns in `blk`, which travels with it
         counted = a.new_zeros(())  # valid columns seen around the ring: the global count
-        acc_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of blk, transposed
-        spans = row_chunks(n, chunk_size)
+        own_t = a.new_zeros(a.shape[1], n) if need_grad else None  # (D, n): gradient of the own block, transposed
+        in_flight = None  # (works, received): the gradient of the block of the next step, on its way
+        spans = row_chunks(n, chunk_size, n, a)
         work = a.new_empty(3, spans[0][1], n)  # reused by every chunk of every block
         for k in range(world):
             pending = _shift_right(blk, group) if k + 1 < world else None  # overlaps the products
@@ -114,6 +117,7 @@ class _SigLipRing(torch.autograd.Function):
             masked_cols = None if keep is None else (blk_keep == 0).nonzero().flatten()
             if keep is not None:
                 counted += blk_keep.sum()
+            acc_t = (own_t if k == 0 else a.new_zeros(own_t.shape)) if need_grad else None  # blk's gradient, here
             for i0, i1 in spans:
                 scaled = a[i0:i1] * scale
                 masked = None if keep is None else ((keep[i0:i1] == 0).nonzero().flatten(), masked_cols, keep[i0:i1])
@@ -124,15 +128,20 @@ class _SigLipRing(torch.autograd.Function):
                     grad_a[i0:i1].addmm_(p, blk)
                     acc_t.addmm_(scaled.T, p)
                 del p
-            if world > 1 and need_grad:  # the gradient follows its block (to its owner, last)
-                works, acc_t = _shift_right(acc_t, group, tag=1)
-                _wait_all(works)
+            if need_grad and k >= 1:  # the gradient follows its block (to its owner, last)
+                if in_flight is not None:  # the ranks before this one on the block's way
+                    _wait_all(in_flight[0])
+                    acc_t += in_flight[1]
+                in_flight = _shift_right(acc_t, group, tag=1)
             if pending is not None:
                 _wait_all(pending[0])
                 blk = pending[1]
             if pending_keep is not None:
                 _wait_all(pending_keep[0])
                 blk_keep = pending_keep[1]
+        if in_flight is not None:  # the own block's gradient from the other W - 1 ranks
+            _wait_all(in_flight[0])
+            own_t += in_flight[1]
         # positives: only in the own block, on its diagonal; softplus(-l) = softplus(l) - l
         pairs = (a * b).sum(dim=1)
         if keep is None:
@@ -143,10 +152,10 @@ class _SigLipRing(torch.autograd.Function):
             # valid anchors per rank, on average: the mean over ranks is the global mean over them
             per_rank = (counted / world).clamp_min(1.0)
         if need_grad:
-            grad_scale = (grad_a * a).sum().reshape(scale.shape)  # sum_ij dl_ij <a_i, b_j>
-            grad_a.mul_(scale)
-            grads = (grad_a, acc_t.T.contiguous(), grad_scale, grad_bias.reshape(bias.shape))
-            ctx.save_for_backward(*(g / per_rank for g in grads))
+            grad_scale = (grad_a * a).sum().reshape(scale.shape) / per_rank  # sum_ij dl_ij <a_i, b_j>
+            grad_a.mul_(scale / per_rank)
+            grad_b = own_t.T.contiguous().div_(per_rank)
+            ctx.save_for_backward(grad_a, grad_b, grad_scale, grad_bias.reshape(bias.shape) / per_rank)
         return total / per_rank
 
     @staticmethod
@@ -174,7 +183,7 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
 
     No rank ever holds the gathered batch: one neighbour's (n, D) block at a time comes by
     send/recv (with its gradient, which travels back to its owner the same way).
-    chunk_size: rows per chunk of each (n x n) block (None: the whole block); peak memory of
+    chunk_size: rows per chunk of each (n x n) block (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU); peak memory of
     the loss ~ 3 x chunk x n x 4 B plus a few (n, D) blocks. (chunk_size is an addition to
     the issue's signature, keyword-only with a default, so the stated API is unchanged.)
     """

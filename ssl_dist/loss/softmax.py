@@ -7,7 +7,8 @@ pass computes loss *and* gradients chunk by chunk over anchor rows, frees each c
 backward only multiplies the kept (n, D)-sized gradients by that factor. This is the
 "recompute in backward" scheme with the recomputation removed: the same O(chunk x 2N) peak
 memory, and exactly the three matrix products the loss needs (logits, and the two gradient
-products), never a fourth. chunk_size=None uses one chunk (all rows): one (2n x 2N) matrix.
+products), never a fourth. chunk_size=None picks the chunk from the sizes (numerics.auto_chunk);
+a chunk_size of at least the rows computes one (2n x 2N) matrix.
 The price: a forward under autograd that is never backpropagated did the gradient work for
 nothing; evaluate under torch.no_grad(), which skips it.
 """
@@ -43,7 +44,7 @@ def _row_lse_pass(a, cols, scale, self_col, chunk_size, use_max, grad_cols_t, ro
     need_grad = grad_cols_t is not None
     total = a.new_zeros(())
     grad_a = torch.empty_like(a) if need_grad else None
-    spans = row_chunks(a.shape[0], chunk_size)
+    spans = row_chunks(a.shape[0], chunk_size, cols.shape[0], a)
     # One workspace for every chunk: a fresh large tensor per chunk would be a fresh mmap,
     # and its page faults cost as much as the exp.
     work = a.new_empty(spans[0][1], cols.shape[0])
@@ -148,7 +149,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: to
     that the mean over ranks is the global mean). None: every slot is valid. Every rank of
     `group` passes a mask, or none does (the mask travels with the gather).
 
-    chunk_size: anchor rows per chunk; None computes all 2n rows at once. The loss's peak
+    chunk_size: anchor rows per chunk (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU;
+    2n or more: all rows at once). The loss's peak
     memory is about chunk_size x 2N x 4 bytes (fp32), plus a few (2N, D) matrices.
     """
     dtype = compute_dtype(z1, z2)
@@ -196,7 +198,8 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, va
     batch without it (as nt_xent's `valid`); None: every slot counts. Every rank passes a
     mask, or none does.
 
-    chunk_size: anchor rows per chunk (None: all n at once); peak memory ~ chunk x N x 4 B.
+    chunk_size: anchor rows per chunk (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU);
+    peak memory ~ chunk x N x 4 B.
     """
     dtype = compute_dtype(a, b)
     n, d = a.shape
