@@ -33,7 +33,7 @@ def moco_infonce(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch
     query and no key anywhere, and the loss is that of the global batch without it (as
     nt_xent's `valid`). None: every slot counts. Every rank passes a mask, or none does.
 
-    chunk_size: query rows per chunk (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU);
+    chunk_size: query rows per chunk (None: numerics.auto_chunk picks them from the sizes);
     peak memory ~ chunk x N x 4 B.
     """
     dtype = compute_dtype(q1, q2, k1, k2)

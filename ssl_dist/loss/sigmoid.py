@@ -183,9 +183,10 @@ def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, log
 
     No rank ever holds the gathered batch: one neighbour's (n, D) block at a time comes by
     send/recv (with its gradient, which travels back to its owner the same way).
-    chunk_size: rows per chunk of each (n x n) block (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU); peak memory of
-    the loss ~ 3 x chunk x n x 4 B plus a few (n, D) blocks. (chunk_size is an addition to
-    the issue's signature, keyword-only with a default, so the stated API is unchanged.)
+    chunk_size: rows per chunk of each (n x n) block (None: numerics.auto_chunk picks them from
+    the sizes); peak memory of the loss ~ 3 x chunk x n x 4 B plus a few (n, D) blocks.
+    (chunk_size is an addition to the issue's signature, keyword-only with a default, so the
+    stated API is unchanged.)
     """
     dtype = compute_dtype(a, b)
     a = F.normalize(a.to(dtype), dim=1)

@@ -149,7 +149,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, *, valid: to
     that the mean over ranks is the global mean). None: every slot is valid. Every rank of
     `group` passes a mask, or none does (the mask travels with the gather).
 
-    chunk_size: anchor rows per chunk (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU;
+    chunk_size: anchor rows per chunk (None: numerics.auto_chunk picks them from the sizes;
     2n or more: all rows at once). The loss's peak
     memory is about chunk_size x 2N x 4 bytes (fp32), plus a few (2N, D) matrices.
     """
@@ -198,7 +198,7 @@ def clip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, *, va
     batch without it (as nt_xent's `valid`); None: every slot counts. Every rank passes a
     mask, or none does.
 
-    chunk_size: anchor rows per chunk (None: rows chosen from the sizes, numerics.auto_chunk: the whole matrix while it fits 6 MiB on CPU, 1 GiB on a GPU);
+    chunk_size: anchor rows per chunk (None: numerics.auto_chunk picks them from the sizes);
     peak memory ~ chunk x N x 4 B.
     """
     dtype = compute_dtype(a, b)
