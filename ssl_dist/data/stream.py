@@ -46,6 +46,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from ssl_dist import shards as shardlib
 from ssl_dist import storage
+from ssl_dist.data import handover
 from ssl_dist.data.plan import Layout, Plan, worker_slice
 from ssl_dist.data.reader import ShardSet, Skip
 from ssl_dist.decode import MAX_PIXELS, DataError, decode_samples
@@ -119,16 +120,18 @@ class ShardStream(IterableDataset):
     decoded samples (`decode.decode_sample`), or of what `transform` returns, collated
     (`collate`): e.g. "image" (b, 3, H, W) uint8 with image_format="tensor" and equal sizes.
     `max_pixels`: the largest image decoded (data.max_pixels); a larger one is a skipped sample.
+    `handover_slots`: under a DataLoader, batches go to the Loader through a ring of this many shared
+    slots per worker (`handover`; the Loader unpacks them); 0 yields them as they are.
     """
 
     def __init__(self, shards: ShardSet | str, *, rank: int, layout: Layout, plan: Plan, seed: int, skip: int = 0,
                  transform: Callable[[dict], dict] | None = None, storage_options: dict | None = None,
-                 image_format: str = "pil", max_pixels: int = MAX_PIXELS):
+                 image_format: str = "pil", max_pixels: int = MAX_PIXELS, handover_slots: int = 0):
         self.shards = shards if isinstance(shards, ShardSet) else ShardSet(shards, storage_options)
         self.url = self.shards.url
         self.rank, self.layout, self.plan, self.seed = rank, layout, plan, seed
         self.skip, self.transform, self.image_format = skip, transform, image_format
-        self.max_pixels = max_pixels
+        self.max_pixels, self.handover_slots = max_pixels, handover_slots
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -136,8 +139,11 @@ class ShardStream(IterableDataset):
         workers = info.num_workers if info is not None else 1
         if workers != self.layout.num_workers:
             raise DataError(f"stream built for {self.layout.num_workers} loader workers runs under {workers}")
+        # In a loader worker, batches leave through a ring of shared slots (`handover`), read by the Loader.
+        sender = handover.Sender(physical, self.handover_slots) if info is not None and self.handover_slots else None
         try:
-            yield from self._serve((physical + self.skip) % workers)
+            for batch in self._serve((physical + self.skip) % workers):
+                yield sender.pack(batch) if sender is not None else batch
         except (DataError, shardlib.ShardError, storage.StorageError) as exc:
             # Raised by the Loader in the training process, without a loader worker's traceback around it.
             yield {"__error__": (type(exc).__name__, str(exc))}
