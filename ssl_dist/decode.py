@@ -12,13 +12,16 @@ It is good when:
 Decoded, it is `{"__key__", "image", "image_bytes", "cls": int, "json": parsed, "txt": str,
 other members as bytes}`. Images come as PIL RGB images (image_format="pil", what
 torchvision's PIL transforms take) or as uint8 (3, H, W) tensors (image_format="tensor").
-JPEGs are decoded by torchvision's libjpeg-turbo op, which gives PIL's pixels at a third of
-its cost; other formats, and JPEGs it rejects, by PIL. That op allocates whatever the frame
-header claims (a 631-byte JPEG claiming 20000 x 20000 pixels took 1.2 GB), so the size is read
-from the header first (`jpeg_size` for the op, PIL's `Image.open`, which reads only the header,
-for PIL) and a larger image is refused before any decoder sees it.
+JPEGs are decoded by libjpeg-turbo (`jpeg_decoder`: simplejpeg, else torchvision's op), which
+gives PIL's pixels at a third to a sixth of its cost; other formats, and JPEGs it rejects, by
+PIL. A decoder allocates whatever the frame header claims (a 631-byte JPEG claiming 20000 x
+20000 pixels took 1.2 GB), so the size is read from the header first (libjpeg's reader through
+simplejpeg, or `jpeg_size`; PIL's `Image.open`, which reads only the header, for PIL) and a
+larger image is refused before any decoder sees it.
 
-`decode_samples` is what the loader workers run on every sample; `sample_problems` says,
+`decode_samples` is what the loader workers run on every sample; as tensors, JPEGs of one size
+are decoded in place into one (n, 3, H, W) batch whose rows the samples' images are, so the
+stream's collate has nothing to copy. `sample_problems` says,
 with exactly the same decoding, why one sample would be skipped (for `shards check`, which
 also knows the manifest's classes). Importing this module starts nothing: no Ray, no
 DeepSpeed, no I/O.
@@ -29,7 +32,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -41,10 +44,10 @@ MAX_PIXELS = 67_108_864  # 8192 x 8192: the default of data.max_pixels
 # The frame header markers (SOF0-SOF15); C4 (DHT), C8 (JPG) and CC (DAC) are other segments.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
-# torchvision's JPEG decoder, looked up once per process (False: not yet; None: missing, PIL
-# decodes everything). The only module state: the Loader looks it up before it starts loader
-# workers, so forked workers inherit it instead of importing torchvision's ops again.
-_jpeg_decoder: Callable | None | bool = False
+# The JPEG decoder, looked up once per process (False: not yet; None: none, PIL decodes
+# everything). The only module state: the Loader looks it up before it starts loader workers,
+# so forked workers inherit it instead of importing it again.
+_jpeg_decoder: "JpegDecoder | None | bool" = False
 
 
 class DataError(RuntimeError):
@@ -82,57 +85,107 @@ class DecodeError(DataError, ValueError):
         return f"{self.member}: {self.reason}"
 
 
-def jpeg_decoder() -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """torchvision's libjpeg-turbo decoder as a function of a uint8 byte tensor -> uint8 RGB (3, H, W),
-    or None where it is missing (then PIL decodes everything).
+class JpegDecoder(NamedTuple):
+    """libjpeg-turbo, as the stream calls it (`jpeg_decoder`).
 
-    Calls the registered op directly: `torchvision.io.decode_jpeg` (deprecated since torchvision
-    0.29 in favour of torchcodec, which this project does not ship) adds a deprecation warning and
-    checks that cost as much as decoding a 32 x 32 JPEG. It is checked once against PIL on a tiny
-    image, so a torchvision whose op differs falls back to PIL instead of failing every sample.
-    The result is cached per process.
+    `name`: "simplejpeg" or "torchvision". `size(data)`: (width, height) from the frame header,
+    nothing decoded, None when it cannot be read. `decode(data)`: uint8 RGB (3, H, W) (with
+    simplejpeg a view of an (H, W, 3) array); raises ValueError or RuntimeError when it does not
+    decode. `decode_into(data, out)`: the same pixels written into the start of `out`, a writable
+    uint8 array, returned as an (H, W, 3) view of it; ValueError, before anything is decoded, when
+    `out` is too small for what the header declares (simplejpeg only, else None).
+    """
+
+    name: str
+    size: Callable[[bytes], tuple[int, int] | None]
+    decode: Callable[[bytes], torch.Tensor]
+    decode_into: Callable[[bytes, np.ndarray], np.ndarray] | None
+
+
+def jpeg_decoder() -> JpegDecoder | None:
+    """The JPEG decoder of this process: simplejpeg's where installed (libjpeg-turbo through a thin
+    Cython layer: half the CPU time of torchvision's op on a 32 x 32 JPEG, and it writes into a
+    buffer the caller gives, so a batch is decoded in place), else torchvision's op, else None
+    (PIL decodes everything). Both give PIL's pixels (libjpeg-turbo with the same settings); the
+    choice is checked once against PIL on a tiny image, so a decoder that differs falls back
+    instead of failing every sample. The result is cached per process.
     """
     global _jpeg_decoder
     if _jpeg_decoder is False:
         _jpeg_decoder = None
-        try:
-            from PIL import Image
-            from torchvision.io import ImageReadMode
-
-            overload = torch.ops.image.decode_jpeg.default
-            op = getattr(overload, "_op", overload)  # the C++ function itself, without the Python dispatch layer
-            mode = ImageReadMode.RGB.value
-
-            def decode(data: torch.Tensor) -> torch.Tensor:
-                return op(data, mode, False)
-
-            probe = io.BytesIO()
-            Image.new("RGB", (8, 8), (200, 30, 60)).save(probe, format="JPEG")
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch notes once per process that bytes are read-only
-                decoded = decode(torch.frombuffer(probe.getvalue(), dtype=torch.uint8))
-            expected = np.asarray(Image.open(io.BytesIO(probe.getvalue())).convert("RGB"))
-            if np.array_equal(decoded.permute(1, 2, 0).numpy(), expected):
-                _jpeg_decoder = decode
-        except Exception:  # no torchvision image ops: PIL it is
-            _jpeg_decoder = None
+        for make in (simplejpeg_decoder, torchvision_decoder):
+            try:
+                decoder = make()
+                if _gives_pil_pixels(decoder):
+                    _jpeg_decoder = decoder
+                    break
+            except Exception:  # not installed, or no image ops: the next one, or PIL
+                continue
     return _jpeg_decoder
+
+
+def simplejpeg_decoder() -> JpegDecoder:
+    """simplejpeg's libjpeg-turbo (ImportError where it is not installed)."""
+    import simplejpeg
+
+    def size(data: bytes) -> tuple[int, int] | None:
+        try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)  # libjpeg's own header reader
+        except ValueError:
+            return None
+        return width, height
+
+    def decode(data: bytes) -> torch.Tensor:
+        return torch.from_numpy(simplejpeg.decode_jpeg(data, "RGB")).permute(2, 0, 1)
+
+    def decode_into(data: bytes, out: np.ndarray) -> np.ndarray:
+        return simplejpeg.decode_jpeg(data, "RGB", buffer=out)
+
+    return JpegDecoder("simplejpeg", size, decode, decode_into)
+
+
+def torchvision_decoder() -> JpegDecoder:
+    """torchvision's op, called directly: `torchvision.io.decode_jpeg` (deprecated since 0.29 in favour
+    of torchcodec, which this project does not ship) adds a warning and checks that cost as much as
+    decoding a 32 x 32 JPEG. It allocates what the frame header claims, so `size` is `jpeg_size`."""
+    from torchvision.io import ImageReadMode
+
+    overload = torch.ops.image.decode_jpeg.default
+    op = getattr(overload, "_op", overload)  # the C++ function itself, without the Python dispatch layer
+    mode = ImageReadMode.RGB.value
+
+    def decode(data: bytes) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch notes that the bytes are read-only
+            return op(torch.frombuffer(data, dtype=torch.uint8), mode, False)
+
+    return JpegDecoder("torchvision", jpeg_size, decode, None)
+
+
+def _gives_pil_pixels(decoder: JpegDecoder) -> bool:
+    from PIL import Image
+
+    probe = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 60)).save(probe, format="JPEG")
+    decoded = decoder.decode(probe.getvalue())
+    expected = np.asarray(Image.open(io.BytesIO(probe.getvalue())).convert("RGB"))
+    return decoder.size(probe.getvalue()) == (8, 8) and np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
 
 
 def decode_image(data: bytes, ext: str, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """An encoded image -> uint8 RGB tensor (3, H, W); raises (any exception) if it does not decode,
     ImageTooLarge, before decoding, if its header declares more than `max_pixels` pixels.
 
-    JPEGs go through torchvision's libjpeg-turbo decoder (the pixels PIL gives, at a third of
-    the cost), but only those whose frame header `jpeg_size` read; other formats, and JPEGs that
-    decoder rejects, through PIL, whose `Image.open` reads the header (the size) and nothing more.
+    JPEGs go through libjpeg-turbo (`jpeg_decoder`: the pixels PIL gives, at a third to a sixth of
+    its cost), but only those whose frame header it read; other formats, and JPEGs that decoder
+    rejects, through PIL, whose `Image.open` reads the header (the size) and nothing more.
     """
-    decode = jpeg_decoder() if ext in JPEG_EXTS else None
-    size = jpeg_size(data) if decode is not None else None
+    decoder = jpeg_decoder() if ext in JPEG_EXTS else None
+    size = decoder.size(data) if decoder is not None else None
     if size is not None:
         check_pixels(size, max_pixels)
         try:
-            return decode(torch.frombuffer(data, dtype=torch.uint8))
+            return decoder.decode(data)
         except (RuntimeError, ValueError):
             pass  # PIL decides
     from PIL import Image
@@ -197,13 +250,17 @@ def to_pil(image: torch.Tensor):
 def image_member(key: str, fields: dict[str, bytes]) -> str:
     """The extension of the member that is the sample's image: the first of IMAGE_EXTS it holds. Raises
     DecodeError when it holds none."""
-    if "jpg" in fields:  # the common case, without a generator
-        return "jpg"
-    ext = next((e for e in IMAGE_EXTS if e in fields), None)
+    ext = _image_ext(fields)
     if ext is None:
         raise DecodeError(key, "", f"no image member ({'/'.join(IMAGE_EXTS)}), only "
                                    f"{', '.join(sorted(fields)) or 'none'}")
     return ext
+
+
+def _image_ext(fields: dict[str, bytes]) -> str | None:
+    if "jpg" in fields:  # the common case, without a generator
+        return "jpg"
+    return next((e for e in IMAGE_EXTS if e in fields), None)
 
 
 def _image(key: str, data: bytes, ext: str, max_pixels: int) -> torch.Tensor:
@@ -239,10 +296,13 @@ def field_value(key: str, ext: str, value: bytes) -> Any:
     return value
 
 
-def _decode(key: str, fields: dict[str, bytes], pil: bool, max_pixels: int) -> dict[str, Any]:
+def _decode(key: str, fields: dict[str, bytes], pil: bool, max_pixels: int,
+            image: torch.Tensor | None = None) -> dict[str, Any]:
+    """One sample decoded; `image`: its image, already decoded (by `_decode_jpegs`)."""
     ext = image_member(key, fields)
     data = fields[ext]
-    image = _image(key, data, ext, max_pixels)
+    if image is None:
+        image = _image(key, data, ext, max_pixels)
     sample = {"__key__": key, "image": to_pil(image) if pil else image, "image_bytes": data}
     for name, value in fields.items():
         if name != ext:
@@ -255,15 +315,56 @@ def decode_samples(samples: list[tuple[str, dict[str, bytes]]], image_format: st
     """Decode raw samples (runs in the loader workers, and wherever a sample is decoded); each entry
     becomes a sample dict (see `decode_sample`) or a string saying why it cannot be decoded
     ("KEY.jpg: image does not decode (...)", "KEY.jpg: image is W x H pixels, more than
-    data.max_pixels=...")."""
+    data.max_pixels=..."). With image_format="tensor", the images of JPEGs of one size are the
+    rows, in order, of one (n, 3, H, W) tensor (`_decode_jpegs`)."""
     pil = image_format == "pil"
+    decoded = {} if pil else _decode_jpegs(samples, max_pixels)
     out: list = []
-    for key, fields in samples:
+    for number, (key, fields) in enumerate(samples):
         try:
-            out.append(_decode(key, fields, pil, max_pixels))
+            out.append(_decode(key, fields, pil, max_pixels, decoded.get(number)))
         except DecodeError as exc:
             out.append(str(exc))
     return out
+
+
+def _decode_jpegs(samples: list[tuple[str, dict[str, bytes]]], max_pixels: int) -> dict[int, torch.Tensor]:
+    """{sample number: its image, uint8 (3, H, W)} for the samples whose image is a JPEG of the first
+    one's size, when the decoder writes into buffers: decoded into one (n, H, W, 3) array, made
+    (n, 3, H, W) by one copy, so the images are rows of one tensor.
+
+    Only the first JPEG's header is read (and checked against `max_pixels`): the decoder reads
+    each image's header itself and refuses one larger than its row of the array before decoding
+    anything, and a smaller one shows in the shape it returns, after which the rest of the batch
+    (images of mixed sizes) goes sample by sample. Those, and JPEGs that do not decode, are left
+    to `_decode`, which reads every header and gives the reasons.
+    """
+    decoder = jpeg_decoder()
+    if decoder is None or decoder.decode_into is None or len(samples) < 2:
+        return {}
+    numbers, datas = [], []
+    for number, (_, fields) in enumerate(samples):
+        ext = _image_ext(fields)
+        if ext in JPEG_EXTS:
+            numbers.append(number)
+            datas.append(fields[ext])
+    size = decoder.size(datas[0]) if len(datas) > 1 else None
+    if size is None or size[0] * size[1] > max_pixels:
+        return {}
+    width, height = size
+    pixels = np.empty((len(datas), height, width, 3), dtype=np.uint8)
+    good = []
+    for row, data in enumerate(datas):
+        try:
+            shape = decoder.decode_into(data, pixels[row]).shape
+        except (RuntimeError, ValueError):
+            continue  # larger than the first, or it does not decode: _decode says which
+        if shape != (height, width, 3):
+            break  # images of several sizes: the rest of the batch goes sample by sample
+        good.append(row)
+    # numpy's transposing copy takes half the time of torch's for these small inner dimensions
+    rows = torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).unbind(0)
+    return {numbers[row]: rows[row] for row in good}
 
 
 def decode_sample(key: str, fields: dict[str, bytes], image_format: str = "pil",

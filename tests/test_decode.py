@@ -37,6 +37,13 @@ def test_decoder_gives_the_pixels_pil_gives(samples):
         assert tensor["image"].dtype == torch.uint8 and tensor["image"].shape == (3, 32, 32)
         assert np.array_equal(tensor["image"].permute(1, 2, 0).numpy(), reference), key
         assert np.array_equal(np.asarray(pil["image"]), reference) and pil["cls"] == tensor["cls"]
+    assert decode.jpeg_decoder().name == "simplejpeg"  # a dependency: the stream's decoder here
+    for decoder in (decode.simplejpeg_decoder(), decode.torchvision_decoder()):  # and its fallback
+        for key, fields in samples:
+            reference = Image.open(io.BytesIO(fields["jpg"]))
+            assert decoder.size(fields["jpg"]) == reference.size, (decoder.name, key)
+            assert np.array_equal(decoder.decode(fields["jpg"]).permute(1, 2, 0).numpy(),
+                                  np.asarray(reference.convert("RGB"))), (decoder.name, key)
     png = encoded("PNG")
     sample = data.decode_sample("k", {"png": png, "cls": b" 7\n", "txt": b"hi"}, "tensor")
     # .txt is text (it was bytes until decode.py); the other assertions are the stream test's of before
@@ -165,3 +172,29 @@ def test_one_pixel_limit_for_the_stream_shards_check_and_evaluation(samples, tmp
     assert keys == ["small/one"] and small.stats()["skipped_samples"] == 9
     with pytest.raises(data.DataError, match=r"is 32 x 32 pixels, more than data.max_pixels=1000"):
         list(evaluate.iter_labeled(str(folder), image_size=32, batch_size=4, max_pixels=1000))
+
+
+def test_a_batch_of_jpegs_is_decoded_in_place_and_a_mixed_one_sample_by_sample(samples):
+    """As tensors, JPEGs of one size become rows of one (n, 3, H, W) tensor that collate hands on
+    without a copy; in a batch of mixed sizes, formats, broken and oversized images, wherever they
+    stand, every sample decodes (or is refused) exactly as on its own."""
+    def pixels(fields):
+        ext = next(e for e in decode.IMAGE_EXTS if e in fields)
+        return np.asarray(Image.open(io.BytesIO(fields[ext])).convert("RGB"))
+
+    cifar = samples[:6]
+    decoded = data.decode_samples(cifar, "tensor")
+    batch = data.collate(decoded)
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["image"].data_ptr() == decoded[0]["image"].data_ptr()
+    assert all(np.array_equal(image.permute(1, 2, 0).numpy(), pixels(f)) for image, (_, f) in zip(batch["image"],
+                                                                                                  cifar))
+    odd = [("odd/small", {"jpg": encoded("JPEG", (8, 8)), "cls": b"1"}), ("odd/large", {"jpg": claiming(9000, 9000)}),
+           ("odd/broken", {"jpg": b"\xff\xd8\xff\xe0 no more"}), ("odd/wide", {"jpg": encoded("JPEG", (64, 32))}),
+           ("odd/png", {"png": encoded("PNG", (32, 32))})]
+    for order in (cifar[:3] + odd + cifar[3:], odd + cifar, cifar[:1] + odd[3:4] + cifar[1:], odd[1:2] + cifar):
+        for (key, fields), out in zip(order, data.decode_samples(order, "tensor")):
+            (alone,) = data.decode_samples([(key, fields)], "tensor")  # one sample: no batch path
+            if isinstance(alone, str):
+                assert out == alone, key
+            else:
+                assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), pixels(fields)), key

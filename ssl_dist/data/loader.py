@@ -290,7 +290,8 @@ def make_loader(url: str, *, rank: int, world_size: int, batch_size: int, num_wo
     slot that holds a copy in place of a skipped sample), "__batch__" (global batch number)
     and the decoded fields (`decode.decode_sample`), collated: "image" a list of PIL images,
     or with image_format="tensor" a uint8 (batch_size, 3, H, W) tensor when sizes agree (else a
-    list of (3, H, W)); "cls" an int64 tensor (batch_size,); "image_bytes", "txt" ... lists;
+    list of (3, H, W)); "cls" an int64 tensor (batch_size,); "txt" ... lists (the encoded
+    "image_bytes" stay in the loader workers: a transform sees them, a batch does not carry them);
     or, with `transform` (a function of one decoded sample dict, run in the loader workers),
     what it returns, collated the same way.
     `lookahead`: start the next epoch's loader workers before this epoch ends (see Loader).

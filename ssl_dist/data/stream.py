@@ -28,9 +28,11 @@ encoder still sees real images there (sensible batch-norm statistics).
 
 Speed. Per sample the stream does: its share of one ranged read, a header walk done for all
 samples of the read at once with numpy (`shards.parse_samples`), one call of the JPEG
-decoder, and, with a transform, one seed of torch's CPU generator (`torch.manual_seed`
-would also seed every accelerator's, at a hundred times the cost). Everything else is per
-batch or per window. benchmarks/data_stream.py measures it against webdataset.
+decoder (as tensors, into its row of the batch: `decode.decode_samples`), and, with a
+transform, one seed of torch's CPU generator (`torch.manual_seed` would also seed every
+accelerator's, at a hundred times the cost). Everything else is per batch or per window,
+and a batch leaves the worker through a shared slot (`handover`).
+benchmarks/data_stream.py measures it against webdataset and breaks its cost down by stage.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def sample_seed(seed: int, epoch: int, key: str) -> int:
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack tensors and numbers field by field; other values stay lists.
 
-    b samples of tensors (C, H, W) give (b, C, H, W) (a list when sizes differ), ints give a
+    b samples of tensors (C, H, W) give (b, C, H, W) (a list when sizes differ; the tensor itself,
+    uncopied, when they are its rows in order, as `decode.decode_samples` makes them), ints give a
     (b,) tensor, tuples of tensors a tuple of stacked tensors (two views: ((b, ...), (b, ...))).
     Runs in the loader workers, once per batch.
     """
@@ -74,8 +77,9 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         values = [s[name] for s in samples]
         first = values[0]
         if isinstance(first, torch.Tensor):
+            rows = _rows_of(values)
             try:
-                batch[name] = torch.stack(values)
+                batch[name] = rows if rows is not None else torch.stack(values)
             except RuntimeError:  # different sizes: left as a list
                 batch[name] = values
         elif isinstance(first, (int, float)) and not isinstance(first, bool):
@@ -85,6 +89,19 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[name] = values
     return batch
+
+
+def _rows_of(values: list[torch.Tensor]) -> torch.Tensor | None:
+    """The tensor whose rows, in order, `values` are (what stacking them would give), or None."""
+    base = values[0]._base
+    if base is None or base.shape[0] != len(values) or not base.is_contiguous():
+        return None
+    step = base.stride(0)
+    for row, value in enumerate(values):
+        if value._base is not base or value.storage_offset() != base.storage_offset() + row * step or \
+                value.shape != base.shape[1:]:
+            return None
+    return base
 
 
 class _Pass:
@@ -206,6 +223,9 @@ class ShardStream(IterableDataset):
         finally:
             if rng_state is not None:
                 torch.set_rng_state(rng_state)  # the caller's generator is left as it was
+        if self.transform is None:  # the encoded bytes stay in the worker: they would double what crosses over
+            for sample in outputs:
+                sample.pop("image_bytes", None)  # the stream's own dicts (decode_samples made them for this batch)
         batch = collate(outputs)
         batch["__key__"] = [o["__key__"] for o in outputs]
         batch["__valid__"] = valid

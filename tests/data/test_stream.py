@@ -12,9 +12,11 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from cifar import cifar_slice
+from PIL import Image
 
 from ssl_dist import data, shards, storage
 
@@ -214,7 +216,23 @@ def test_tensor_batches_and_user_errors(cifar_s3, cifar_local, tmp_path):
     loader = data.make_loader(cifar_s3, rank=0, world_size=2, batch_size=16, num_workers=1, image_format="tensor")
     batch = next(iter(loader))
     assert batch["image"].shape == (16, 3, 32, 32) and batch["image"].dtype == torch.uint8
-    assert batch["cls"].shape == (16,) and batch["__valid__"].all() and len(batch["image_bytes"]) == 16
+    assert batch["image"].is_contiguous() and batch["cls"].shape == (16,) and batch["__valid__"].all()
+    assert "image_bytes" not in batch  # the encoded bytes stay in the loader worker
+    # Through 2 loader workers (the shared-slot handover, JPEGs decoded in place) each sample as
+    # in-process, its image PIL's pixels of its file; batches held while the workers run on are intact.
+    folder, _ = cifar_local
+    per_layout = []
+    for workers in (0, 2):
+        batches = list(data.make_loader(cifar_s3, rank=0, world_size=1, batch_size=9, num_workers=workers,
+                                        image_format="tensor", prefetch_factor=1))
+        assert len(batches) == 200 // 9 and all(b["__valid__"].all() for b in batches)
+        per_layout.append({key: (image, label) for b in batches
+                           for key, image, label in zip(b["__key__"], b["image"], b["cls"].tolist())})
+    assert per_layout[0].keys() == per_layout[1].keys() and len(per_layout[0]) == 200 // 9 * 9
+    for key, (image, label) in per_layout[1].items():
+        pixels = np.asarray(Image.open(folder.parent / "src" / f"{key}.jpg").convert("RGB"))
+        assert np.array_equal(image.permute(1, 2, 0).numpy(), pixels), key
+        assert torch.equal(image, per_layout[0][key][0]) and label == per_layout[0][key][1], key
 
     with pytest.raises(data.DataError, match=r"no index.json at .*nowhere: make shards with `ssl-dist shards make"):
         data.make_loader(str(tmp_path / "nowhere"), rank=0, world_size=1, batch_size=4)
