@@ -155,9 +155,7 @@ def torchvision_decoder() -> JpegDecoder:
     mode = ImageReadMode.RGB.value
 
     def decode(data: bytes) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch notes that the bytes are read-only
-            return op(torch.frombuffer(data, dtype=torch.uint8), mode, False)
+        return op(torch.frombuffer(data, dtype=torch.uint8), mode, False)
 
     return JpegDecoder("torchvision", jpeg_size, decode, None)
 
@@ -167,7 +165,9 @@ def _gives_pil_pixels(decoder: JpegDecoder) -> bool:
 
     probe = io.BytesIO()
     Image.new("RGB", (8, 8), (200, 30, 60)).save(probe, format="JPEG")
-    decoded = decoder.decode(probe.getvalue())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch notes once per process that the bytes are read-only
+        decoded = decoder.decode(probe.getvalue())
     expected = np.asarray(Image.open(io.BytesIO(probe.getvalue())).convert("RGB"))
     return decoder.size(probe.getvalue()) == (8, 8) and np.array_equal(decoded.permute(1, 2, 0).numpy(), expected)
 

@@ -202,7 +202,7 @@ class Loader:
         if not self._use_workers:
             return iter(stream)
         # The workers hand their batches' tensors over through shared slots (handover): torch's way,
-        # a new shared segment and a file-descriptor fetch per tensor per batch, costs half a decode.
+        # a new shared segment and a file-descriptor fetch per tensor per batch, costs about a decode.
         batches = iter(DataLoader(stream, batch_size=None, num_workers=self.layout.num_workers, collate_fn=_as_is,
                                   prefetch_factor=self.prefetch_factor, persistent_workers=False))
         return map(handover.Receiver().unpack, batches)
