@@ -212,10 +212,10 @@ def decode_rate(jpegs: list[bytes], how: str) -> tuple[float, float]:
     import torch
     from PIL import Image
 
-    from ssl_dist import decode
+    from ssl_dist import decode, jpeg
 
     torch.set_num_threads(1)
-    decoder = decode.jpeg_decoder() if how == "pipeline" else decode.torchvision_decoder()
+    decoder = jpeg.jpeg_decoder() if how == "pipeline" else jpeg.torchvision_decoder()
     height, width = decode.decode_image(jpegs[0], "jpg").shape[1:]
     out = np.empty((len(jpegs), height, width, 3), dtype=np.uint8)
     best, best_cpu = float("inf"), float("inf")
@@ -243,7 +243,7 @@ def breakdown(root: Path, manifest: dict) -> dict[str, float]:
     rows' "cpu us/sample" holds beyond their sum."""
     import numpy as np
 
-    from ssl_dist import decode, shards
+    from ssl_dist import decode, jpeg, shards
     from ssl_dist.data import handover
     from ssl_dist.data.reader import ShardSet
     from ssl_dist.data.stream import collate
@@ -256,7 +256,7 @@ def breakdown(root: Path, manifest: dict) -> dict[str, float]:
     starts, ends = offsets[:n] - offsets[0], offsets[1:n + 1] - offsets[0]
     raw = shards.parse_samples(data, starts, ends)
     batches = [raw[i:i + BATCH] for i in range(0, n, BATCH)]
-    decoder = decode.jpeg_decoder()
+    decoder = jpeg.jpeg_decoder()
     jpegs = [fields["jpg"] for _, fields in raw]
     pixels = np.empty((n, 32, 32, 3), dtype=np.uint8)
     decoded = [decode.decode_samples(b, "tensor") for b in batches]

@@ -11,7 +11,7 @@ import torch
 from cifar import cifar_slice
 from PIL import Image
 
-from ssl_dist import data, decode, shards
+from ssl_dist import data, decode, jpeg, shards
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,8 @@ def test_decoder_gives_the_pixels_pil_gives(samples):
         assert tensor["image"].dtype == torch.uint8 and tensor["image"].shape == (3, 32, 32)
         assert np.array_equal(tensor["image"].permute(1, 2, 0).numpy(), reference), key
         assert np.array_equal(np.asarray(pil["image"]), reference) and pil["cls"] == tensor["cls"]
-    assert decode.jpeg_decoder().name == "simplejpeg"  # a dependency: the stream's decoder here
-    for decoder in (decode.simplejpeg_decoder(), decode.torchvision_decoder()):  # and its fallback
+    assert jpeg.jpeg_decoder().name == "simplejpeg"  # a dependency: the stream's decoder here
+    for decoder in (jpeg.simplejpeg_decoder(), jpeg.torchvision_decoder()):  # and its fallback
         for key, fields in samples:
             reference = Image.open(io.BytesIO(fields["jpg"]))
             assert decoder.size(fields["jpg"]) == reference.size, (decoder.name, key)

@@ -24,6 +24,7 @@ is not a tensor go the DataLoader's usual way.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from typing import Any
@@ -124,7 +125,4 @@ class Receiver:
 
 def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
     """The tensor of `dtype` and `shape` that starts `offset` bytes into the uint8 `buffer`."""
-    count = 1
-    for size in shape:
-        count *= size
-    return buffer[offset:offset + count * dtype.itemsize].view(dtype).view(shape)
+    return buffer[offset:offset + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
