@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ssl_dist import text_prefix
+
 # model.arch=timm/<name>: a timm model by its name in timm.list_models()
 TIMM_PREFIX = "timm/"
 
@@ -262,13 +264,27 @@ class ImageTextModel(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, D): the text tower's output (zero-shot, retrieval)."""
-        return self(None, tokens)[1]
+        return self(None, self.text_prefix(tokens))[1]
+
+    def text_prefix(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L'): the first L' <= L columns, all that a causal text tower's
+        output depends on (`text_prefix.py`); all L for other towers. Any rank; call it on the
+        loader's CPU tokens (it reads them), then move the prefix to the device."""
+        causal = text_prefix.causal_text(self.clip)
+        return tokens if causal is None else text_prefix.shortest_prefix(causal, tokens)
 
     def forward(self, images: torch.Tensor | None, tokens: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        """`tokens` (b, L): the whole context, or a prefix from `text_prefix`."""
         scales = (self.logit_scale,) if self.logit_bias is None else (self.logit_scale, self.logit_bias)
         image = None if images is None else self.clip.encode_image(images)
-        text = None if tokens is None else self.clip.encode_text(tokens)
+        text = None if tokens is None else self._encode_text(tokens)
         return (image, text, *scales)
+
+    def _encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        causal = text_prefix.causal_text(self.clip)
+        if causal is None or tokens.shape[1] == causal.tower.context_length:
+            return self.clip.encode_text(tokens)  # the whole context: open_clip's own path
+        return text_prefix.encode(causal, tokens)
 
 
 def build_image_text_model(arch: str, *, image_size: int, init_logit_scale: float,

@@ -131,7 +131,8 @@ class CLIP(Method):
         outputs, not parameters read in `loss`, so gradient caching carries their gradient."""
         param = next(engine.module.parameters())
         images = batch["image"].to(param.device, param.dtype)
-        tokens = batch["tokens"].to(param.device)
+        # the columns up to the batch's last end-of-text token, cut while still on the loader's CPU
+        tokens = engine.module.text_prefix(batch["tokens"]).to(param.device)
         return tuple(out.float() for out in engine(images, tokens))
 
     def loss(self, outputs: tuple[torch.Tensor, ...], valid: torch.Tensor | None) -> torch.Tensor:

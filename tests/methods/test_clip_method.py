@@ -128,8 +128,10 @@ def test_gradient_caching_equals_the_whole_batch_step_under_zero2_and_zero3(tmp_
             loss_cached, p_cached = results[f"{method}/{way}"]
             assert loss_cached == pytest.approx(loss_whole, rel=1e-5), (method, way)
             assert p_cached.keys() == p_whole.keys()
-            for name, a in p_whole.items():
-                torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=1e-6, msg=f"{method} {way}: {name}")
+            for name, a in p_whole.items():  # atol: each micro-batch runs the text tower to its own
+                # longest caption (text_prefix.py), the whole batch to its: sums of another length
+                torch.testing.assert_close(p_cached[name], a, rtol=1e-5, atol=2e-6,
+                                           msg=lambda m, name=name: f"{method} {way}: {name}: {m}")
 
 
 @pytest.mark.parametrize("method, mean_of", [("clip", "open_clip"), ("simclr", "augment")])
