@@ -46,13 +46,20 @@ def attempt_name(start_step: int) -> str:
     return f"attempt-{start_step:08d}-{int(time.time() * 1000)}"
 
 
+def duration(seconds: float) -> str:
+    """`0:00:19`, `11d 13:46:40`: hours, minutes, seconds, and days from one day on."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = f"{rest // 3600}:{rest % 3600 // 60:02d}:{rest % 60:02d}"
+    return f"{days}d {clock}" if days else clock
+
+
 class MetricsLog:
     """Rows of metrics for one attempt; only rank 0 makes one. `name`: the attempt's
     (`attempt_name`); `sinks`: trackers that get every row too (`tracking.attempt_sinks`)."""
 
     def __init__(self, run_url: str, *, start_step: int, max_steps: int, global_batch: int,
                  storage_options: dict | None = None, tensorboard: bool = True, name: str | None = None,
-                 sinks=()):
+                 sinks=(), deadline: float | None = None):
         self.name = name or attempt_name(start_step)
         self.url = storage.join(run_url, "metrics", f"{self.name}.csv")
         self.sinks = list(sinks)
@@ -60,6 +67,7 @@ class MetricsLog:
         self.options = storage_options or {}
         self.rows: list[dict] = []
         self.max_steps, self.global_batch = max_steps, global_batch
+        self.deadline = deadline  # time.monotonic() at which train.max_minutes ends the run, or None
         self._mark_time, self._mark_step = time.monotonic(), start_step
         self._start_step = start_step
         self._tensorboard = tensorboard
@@ -89,10 +97,13 @@ class MetricsLog:
         self._to_sinks("log", step, _numbers(scores))
 
     def progress_line(self, row: dict) -> str:
-        """`step 40/100  loss 4.1234  lr 1.0e-03  312.4 samples/s  ETA 0:00:19`"""
+        """`step 40/100  loss 4.1234  lr 1.0e-03  312.4 samples/s  ETA 0:00:19`: the steps left at
+        this rate, or the time budget's end (train.max_minutes) where that comes first."""
         rate = row["samples_per_s"] / self.global_batch
-        eta = (self.max_steps - row["step"]) / rate if rate > 0 else float("nan")
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta == eta else "?"
+        left = [(self.max_steps - row["step"]) / rate] if rate > 0 else []
+        if self.deadline is not None:
+            left.append(max(0.0, self.deadline - time.monotonic()))
+        eta_text = duration(min(left)) if left else "?"
         return (f"step {row['step']}/{self.max_steps}  epoch {row['epoch']}  loss {row['loss']:.4f}  "
                 f"lr {row['lr']:.2e}  {row['samples_per_s']:.1f} samples/s  ETA {eta_text}")
 

@@ -221,20 +221,22 @@ def start(loop_config: dict) -> Run:
                                            "restored": time.time()})
     keys = records.KeyLog(run_url, rank=rank, start_step=state.step, attempt_id=resume.attempt_id,
                           storage_options=options) if cfg.train.log_keys else None
+    # train.max_minutes counts from here: the end of the set-up, but for rank 0's trackers starting
+    deadline = time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes > 0 else None
     log = None
     if rank == 0:  # rank 0 writes the metrics: CSV, TensorBoard, and the trackers' runs of this attempt
         name = attempt_name(state.step)
         sinks = tracking.attempt_sinks(loop_config.get("tracking"), cfg, attempt=name, run_url=run_url,
                                        storage_options=options, say=say)
         log = MetricsLog(run_url, start_step=state.step, max_steps=cfg.train.max_steps, name=name, sinks=sinks,
-                         global_batch=loader.layout.global_batch, storage_options=options)
+                         global_batch=loader.layout.global_batch, storage_options=options, deadline=deadline)
     checkpointer = checkpoint.Checkpointer(cfg, rank=rank, world_size=world, group=control, taken=set(resume.taken),
                                            batch=batch, attempt=loop_config.get("attempt", ""))
     return Run(cfg=cfg, rank=rank, world=world, control=control, method=method, engine=engine, loader=loader,
                state=state, checkpointer=checkpointer, report=Report(log, world, control), attempt=attempt,
                keys=keys, timer=PhaseTimer(sync=cfg.train.profile),
                eval_options=eval_storage_options(cfg, loop_config) if cfg.eval.every else {},
-               deadline=time.monotonic() + 60 * cfg.train.max_minutes if cfg.train.max_minutes > 0 else None)
+               deadline=deadline)
 
 
 class Report:
