@@ -4,10 +4,11 @@ logit scale (and SigLIP's bias) in the engine's module, and a loss whose negativ
 texts and images of every rank (`loss.clip_loss`, `loss.siglip_loss`).
 
 Each image is randomly crop-resized (area 0.9-1, CLIP's light augmentation) and normalised
-with open_clip's mean and std: in the loader workers (`data.augment=per_sample`), or on the
-training device for the whole batch (`per_batch`: the loader workers only resize and centre
-crop; one draw per image, seeded by (seed, epoch, batch, rank), so a resumed run crops every
-batch as the uninterrupted one did). The caption (`KEY.txt`) is tokenized to the model's
+with open_clip's mean and std: in the loader workers (`data.augment=per_sample`: bicubic on
+the PIL image, the crop open_clip's trainer makes), or on the training device for the whole
+batch (`per_batch`: the loader workers only resize and centre crop; one bilinear draw per
+image, seeded by (seed, epoch, batch, rank), so a resumed run crops every batch as the
+uninterrupted one did). The caption (`KEY.txt`) is tokenized to the model's
 context length in the loader workers either way. The image tower is built at `data.image_size`
 (open_clip's force_image_size), so that training, kNN evaluation and export agree on it.
 """
@@ -47,7 +48,10 @@ class ImageText:
             self.augment = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), v2.ToImage()])
         else:
             self.augment = v2.Compose([
-                v2.RandomResizedCrop(image_size, scale=CROP_SCALE, antialias=True),
+                # bicubic, as open_clip's training crop: bilinear upsampling of a 0.9-1 area crop
+                # blurs what the evaluation's uncropped images show sharp
+                v2.RandomResizedCrop(image_size, scale=CROP_SCALE, interpolation=v2.InterpolationMode.BICUBIC,
+                                     antialias=True),
                 v2.ToImage(),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(open_clip.OPENAI_DATASET_MEAN, open_clip.OPENAI_DATASET_STD),

@@ -150,3 +150,21 @@ def test_evaluation_normalises_images_as_the_method_trained_on_them(method, mean
     want = (128 / 255 - torch.tensor(mean)) / torch.tensor(std)
     assert image.shape == (3, cfg.data.image_size, cfg.data.image_size)
     torch.testing.assert_close(image[:, 0, 0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_per_sample_crop_is_open_clips_training_crop():
+    """Same RNG state, same image: our loader's crop equals open_clip's training transform
+    (RandomResizedCrop at area 0.9-1, bicubic, then its mean and std) pixel for pixel."""
+    import open_clip
+
+    ours = resolve("clip")(clip_cfg()).sample_transform()
+    theirs = open_clip.image_transform(32, is_train=True, mean=open_clip.OPENAI_DATASET_MEAN,
+                                       std=open_clip.OPENAI_DATASET_STD,
+                                       aug_cfg=open_clip.AugmentationCfg(scale=(0.9, 1.0)))
+    rng = torch.Generator().manual_seed(0)
+    noise = Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=rng, dtype=torch.uint8).numpy())
+    for seed in range(4):
+        torch.manual_seed(seed)
+        got = ours({"__key__": "k", "image": noise, "txt": "x"})["image"]
+        torch.manual_seed(seed)
+        torch.testing.assert_close(got, theirs(noise), atol=1e-5, rtol=0)
