@@ -508,7 +508,7 @@ def report(s: Setup, ours: dict, theirs: dict, zs: dict, faults: dict, memory: d
     print("\n| ratio ssl_dist / open_clip | value | target | |")
     print("|---|---|---|---|")
     print(f"| throughput | {speed:.2f} | >= 1.00 | {verdict(speed >= 1.0)} |")
-    print(f"| zero-shot top-1 | {zs['ssl_dist'] / max(zs['open_clip'], 1e-9):.2f} | >= 1.00 | "
+    print(f"| zero-shot top-1 | {zs['ssl_dist'] / max(zs['open_clip'], 1e-9):.3f} | >= 1.000 | "
           f"{verdict(zs['ssl_dist'] >= zs['open_clip'])} |")
     print(f"\nKilled worker: {a.fault_steps} steps an epoch ({s.global_batch * a.fault_steps} samples), 2 epochs, "
           f"one training process SIGKILLed at step {kill_step(s)}\n")
