@@ -123,8 +123,9 @@ def save(directory: str | Path, *, engine, loader, state: TrainState, rank: int,
          config: config_lib.Config, batch: BatchPlan, attempt: str = "") -> None:
     """Write this rank's part of a checkpoint into the local `directory`, a folder of this
     rank's own: its part list is every file in it, so a folder shared with another rank would
-    list that rank's files, half-written. Every rank calls it (DeepSpeed's save is collective). meta.json records the loader's global batch on this
-    world size and the run's target (`batch.global_batch`), which a restart keeps."""
+    list that rank's files, half-written. Every rank calls it (DeepSpeed's save is
+    collective). meta.json records the loader's global batch on this world size and the
+    run's target (`batch.global_batch`), which a restart keeps."""
     directory = Path(directory)
     engine.save_checkpoint(str(directory), tag=TAG)
     (directory / stream_file(rank)).write_text(json.dumps(loader.state_dict()))
