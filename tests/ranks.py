@@ -41,3 +41,27 @@ def _run_then_leave(rank: int, fn, *args) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def save_checkpoint_as_ray_train(folder, *, rank: int, world: int, scratch, **save_args) -> None:
+    """Every rank of the group: `checkpoint.save` into a folder of its own under `scratch`,
+    then rank 0 merges them into `folder`, as Ray Train's upload does. A rank's part list is
+    every file in its folder: in one folder shared by the ranks, rank 0 listed rank 1's RNG
+    file while it was still being written (0 bytes; CI failed on it)."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from ssl_dist import checkpoint
+
+    def own(r: int) -> Path:  # e.g. scratch/zero2-checkpoint-00000002-rank1
+        return Path(scratch) / f"{Path(folder).parent.name}-{Path(folder).name}-rank{r}"
+
+    own(rank).mkdir(parents=True)
+    checkpoint.save(own(rank), rank=rank, world_size=world, **save_args)
+    dist.barrier()
+    if rank == 0:
+        for r in range(world):
+            shutil.copytree(own(r), folder, dirs_exist_ok=True)
+    dist.barrier()

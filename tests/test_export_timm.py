@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -41,7 +40,7 @@ def train_and_save(rank: int, port: int, root: str, images: torch.Tensor, out: d
     the engine module's features of `images`."""
     import torch.distributed as dist
 
-    from ranks import join_group
+    from ranks import join_group, save_checkpoint_as_ray_train
     from ssl_dist.engine import build_engine
     from ssl_dist.methods.simclr import SimCLR
     from ssl_dist.step import optimizer_step
@@ -71,19 +70,11 @@ def train_and_save(rank: int, port: int, root: str, images: torch.Tensor, out: d
         engine.module.eval()
         with torch.no_grad():  # every rank: at ZeRO-3 the forward hooks gather the parameters collectively
             features = engine.module.features(images)
-        # Each rank writes its own local folder, which rank 0 then merges, as Ray Train does: a
-        # rank's part list is every file in its folder, so a folder shared by both ranks had
-        # rank 0 list rank 1's RNG file while it was still being written (0 bytes; CI, 1 run in ~30).
-        own = Path(root) / "ranks" / f"zero{stage}-{rank}"
-        own.mkdir(parents=True)
-        checkpoint.save(own, engine=engine, loader=StreamStub(), state=checkpoint.TrainState(STEPS, STEPS * 8),
-                        rank=rank, world_size=WORLD, config=cfg,
-                        batch=checkpoint.BatchPlan(global_batch=WORLD * BATCH, per_worker=BATCH, note=None))
         folder = Path(root) / f"zero{stage}" / checkpoint.checkpoint_name(STEPS)
-        dist.barrier()
-        if rank == 0:
-            for r in range(WORLD):
-                shutil.copytree(Path(root) / "ranks" / f"zero{stage}-{r}", folder, dirs_exist_ok=True)
+        save_checkpoint_as_ray_train(folder, rank=rank, world=WORLD, scratch=Path(root) / "ranks", engine=engine,
+                                     loader=StreamStub(), state=checkpoint.TrainState(STEPS, STEPS * 8), config=cfg,
+                                     batch=checkpoint.BatchPlan(global_batch=WORLD * BATCH, per_worker=BATCH,
+                                                                note=None))
         out[stage, rank] = {"losses": losses, "before": before, "after": after, "features": features,
                             "checkpoint": str(folder)}
         dist.barrier()

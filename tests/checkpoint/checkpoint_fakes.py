@@ -101,7 +101,7 @@ def save_real_checkpoints(rank: int, port: int, root: str, out: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from ranks import join_group
+    from ranks import join_group, save_checkpoint_as_ray_train
 
     join_group(rank, port, world=2)
     for name in REAL:
@@ -112,18 +112,10 @@ def save_real_checkpoints(rank: int, port: int, root: str, out: dict) -> None:
             images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(10 * step + rank))
             engine.backward(engine.module.features(images.to(dtype)).float().pow(2).mean())
             engine.step()
-            # Each rank writes its own local folder, which are then merged, as Ray Train does.
-            own = Path(root) / "ranks" / f"{name}-{step}-{rank}"
-            own.mkdir(parents=True)
-            checkpoint.save(own, engine=engine, loader=StreamStub(), state=checkpoint.TrainState(step, 8 * step),
-                            rank=rank, world_size=2, config=cfg,
-                            batch=checkpoint.BatchPlan(global_batch=8, per_worker=4, note=None))
-            dist.barrier()
-            if rank == 0:
-                for r in (0, 1):
-                    shutil.copytree(Path(root) / "ranks" / f"{name}-{step}-{r}",
-                                    Path(root) / name / checkpoint.checkpoint_name(step), dirs_exist_ok=True)
-            dist.barrier()
+            save_checkpoint_as_ray_train(Path(root) / name / checkpoint.checkpoint_name(step), rank=rank, world=2,
+                                         scratch=Path(root) / "ranks", engine=engine, loader=StreamStub(),
+                                         state=checkpoint.TrainState(step, 8 * step), config=cfg,
+                                         batch=checkpoint.BatchPlan(global_batch=8, per_worker=4, note=None))
     if rank == 0:
         shutil.rmtree(Path(root) / "ranks")
     dist.destroy_process_group()
