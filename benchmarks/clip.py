@@ -5,6 +5,12 @@ each; then the per-rank peak memory of the SigLIP loss at 1, 2 and 4 ranks.
 
     python benchmarks/clip.py [--minutes 15] [--batch-size 128] [--train-samples 0]
                               [--eval-samples 10000] [--fault-steps 20] [--loss-batch 2048]
+                              [--seeds 1] [--budget-only]
+
+`--seeds N` trains each trainer N times (seeds 0..N-1: initial weights, data order, crops;
+ssl_dist's train.seed and data.seed, open_clip's --seed), alternating between the trainers, and
+compares the medians: one 15-minute run's zero-shot top-1 moves by about a point from seed to
+seed, more than the gap between the trainers.
 
 Data. Every CIFAR-10 training image (../shared/data/cifar10/train.tar; `--train-samples N`:
 the first N of a seeded shuffle) gets the caption "TEMPLATE with its class name", the template
@@ -261,13 +267,15 @@ def ssl_dist_job(s: Setup, name: str, train_url: str, extra: list[str]) -> Job:
                {"RAY_ADDRESS": s.ray_address}, s.work / f"{name}.log")
 
 
-def run_ssl_dist(s: Setup) -> dict:
-    """Training for --minutes (train.max_minutes); samples/s from the metrics rows."""
+def run_ssl_dist(s: Setup, seed: int) -> dict:
+    """Training for --minutes (train.max_minutes); samples/s from the metrics rows. `seed`
+    draws the initial weights, the data order and the crops."""
     from ssl_dist import checkpoint, metrics
 
-    name = "clip-budget"
+    name = f"clip-budget-seed{seed}"
     job = ssl_dist_job(s, name, s.train_url, [f"train.max_minutes={s.args.minutes}", "train.max_steps=10000000",
-                                              "train.checkpoint_every=0", f"train.log_every={LOG_EVERY}"])
+                                              "train.checkpoint_every=0", f"train.log_every={LOG_EVERY}",
+                                              f"train.seed={seed}", f"data.seed={seed}"])
     checked(job, 60 * s.args.minutes + 900, "ssl_dist run")
     url = f"s3://{BUCKET}/runs/{name}"
     rows = metrics.read_history(url)[-1]
@@ -286,7 +294,7 @@ def steady_median(rates: list[float]) -> float:
 
 
 def open_clip_job(s: Setup, name: str, train_http: str, samples: int, attempt: int, *, minutes: float,
-                  epochs: int, resume: bool = False) -> Job:
+                  epochs: int, resume: bool = False, seed: int = 0) -> Job:
     a = s.args
     flags = [
         "--train-data", train_http, "--train-num-samples", str(samples), "--dataset-type", "webdataset",
@@ -295,7 +303,7 @@ def open_clip_job(s: Setup, name: str, train_http: str, samples: int, attempt: i
         "--beta1", "0.9", "--beta2", "0.999", "--eps", "1e-8", "--precision", "fp32",
         "--device", "cpu", "--dist-backend", "gloo", "--local-loss", "--gather-with-grad",
         "--epochs", str(epochs), "--save-most-recent", "--save-frequency", "0", "--zeroshot-frequency", "0",
-        "--log-every-n-steps", str(LOG_EVERY), "--seed", "0", "--logs", str(s.work / "open_clip"), "--name", name,
+        "--log-every-n-steps", str(LOG_EVERY), "--seed", str(seed), "--logs", str(s.work / "open_clip"), "--name", name,
         *(["--resume", "latest"] if resume else [])]
     tap = ["--model-dir", str(s.model_json.parent), "--tap-dir", str(tap_dir(s, name)), "--attempt", str(attempt),
            "--minutes", str(minutes)]
@@ -313,10 +321,11 @@ def tap_rows(s: Setup, name: str, attempt: int, rank: int) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
-def run_open_clip(s: Setup) -> dict:
-    """Training for --minutes (the tap's budget); samples/s from rank 0's step times."""
-    name = "clip-budget"
-    job = open_clip_job(s, name, s.train_http, s.train_samples, 0, minutes=s.args.minutes, epochs=100000)
+def run_open_clip(s: Setup, seed: int) -> dict:
+    """Training for --minutes (the tap's budget); samples/s from rank 0's step times. `seed`
+    (open_clip's --seed) draws the initial weights, the shard order and the sample shuffle."""
+    name = f"clip-budget-seed{seed}"
+    job = open_clip_job(s, name, s.train_http, s.train_samples, 0, minutes=s.args.minutes, epochs=100000, seed=seed)
     checked(job, 60 * s.args.minutes + 900, "open_clip run")
     times = [row["time"] for row in tap_rows(s, name, 0, rank=0)]
     rates = [LOG_EVERY * s.global_batch / (b - a) for a, b in zip(times[::LOG_EVERY], times[LOG_EVERY::LOG_EVERY])]
@@ -346,23 +355,29 @@ def zero_shot_top1(encode_image, encode_text, s: Setup) -> float:
     return zero_shot.zero_shot_top1(feats, labels, classifier)
 
 
-def zero_shot_scores(s: Setup, ours: dict, theirs: dict) -> dict:
+def zero_shot_scores(s: Setup, ours: list[dict], theirs: list[dict]) -> dict:
+    """{"ssl_dist": [top-1 per seed], "open_clip": [top-1 per seed], "random init": top-1}."""
     import open_clip
     import torch
 
     from ssl_dist.evaluate import load_checkpoint_model
     from ssl_dist.model import build_image_text_model
 
-    module, _ = load_checkpoint_model(ours["checkpoint"])
+    def score(towers, encode_image) -> float:
+        towers.eval()
+        return zero_shot_top1(encode_image, towers.encode_text, s)
+
     open_clip.add_model_config(str(s.model_json.parent))
-    peer, _, _ = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=theirs["checkpoint"])
+    out = {"ssl_dist": [], "open_clip": []}
+    for run in ours:
+        module, _ = load_checkpoint_model(run["checkpoint"])
+        out["ssl_dist"].append(score(module, module.features))
+    for run in theirs:
+        peer, _, _ = open_clip.create_model_and_transforms(MODEL_NAME, pretrained=run["checkpoint"])
+        out["open_clip"].append(score(peer, peer.encode_image))
     torch.manual_seed(0)
     init = build_image_text_model(str(s.model_json), image_size=32, init_logit_scale=0.0)
-    out = {}
-    for name, towers in (("ssl_dist", module), ("open_clip", peer), ("random init", init)):
-        towers.eval()
-        encode_image = towers.features if name != "open_clip" else towers.encode_image
-        out[name] = zero_shot_top1(encode_image, towers.encode_text, s)
+    out["random init"] = score(init, init.features)
     return out
 
 
@@ -494,22 +509,37 @@ def verdict(ok: bool) -> str:
     return "pass" if ok else "FAIL"
 
 
-def report(s: Setup, ours: dict, theirs: dict, zs: dict, faults: dict, memory: dict) -> None:
+def report_budget(s: Setup, ours: list[dict], theirs: list[dict], zs: dict) -> None:
+    """One row per trainer and seed, then (several seeds) each trainer's medians; the ratios
+    compare the medians, since one 15-minute run's zero-shot moves by about a point."""
     a = s.args
     print(f"\nCLIP on captioned CIFAR-10 ({s.train_samples} pairs), {a.minutes:g} min of training each, global batch "
-          f"{s.global_batch}, 2 processes x 1 thread, fp32 CPU; zero-shot on {a.eval_samples} test images\n")
-    print("| run | steps | samples/s (median, steady) | zero-shot top-1 |")
-    print("|---|---|---|---|")
-    for name, run in (("ssl_dist (Ray, ZeRO-2, S3)", ours), ("open_clip_train (torchrun, gloo, HTTP)", theirs)):
-        print(f"| {name} | {run['steps']} | {run['samples_per_s']:.1f} | "
-              f"{zs['ssl_dist' if run is ours else 'open_clip']:.4f} |")
-    print(f"| random init | - | - | {zs['random init']:.4f} |")
-    speed = ours["samples_per_s"] / theirs["samples_per_s"]
-    print("\n| ratio ssl_dist / open_clip | value | target | |")
+          f"{s.global_batch}, 2 processes x 1 thread, fp32 CPU; zero-shot on {a.eval_samples} test images; "
+          f"seeds 0-{a.seeds - 1}, the runs in the order listed per seed\n")
+    print("| run | seed | steps | samples/s (median, steady) | zero-shot top-1 |")
+    print("|---|---|---|---|---|")
+    trainers = (("ssl_dist (Ray, ZeRO-2, S3)", ours, zs["ssl_dist"]),
+                ("open_clip_train (torchrun, gloo, HTTP)", theirs, zs["open_clip"]))
+    for seed in range(a.seeds):
+        for name, runs, scores in trainers:
+            print(f"| {name} | {seed} | {runs[seed]['steps']} | {runs[seed]['samples_per_s']:.1f} | {scores[seed]:.4f} |")
+    medians = {}
+    for name, runs, scores in trainers:
+        medians[name] = (statistics.median(r["samples_per_s"] for r in runs), statistics.median(scores))
+        if a.seeds > 1:
+            print(f"| {name} | median | {statistics.median(r['steps'] for r in runs):g} | {medians[name][0]:.1f} | "
+                  f"{medians[name][1]:.4f} |")
+    print(f"| random init | - | - | - | {zs['random init']:.4f} |")
+    (ours_speed, ours_zs), (their_speed, their_zs) = medians.values()
+    speed = ours_speed / their_speed
+    print(f"\n| ratio ssl_dist / open_clip{' (medians)' if a.seeds > 1 else ''} | value | target | |")
     print("|---|---|---|---|")
     print(f"| throughput | {speed:.2f} | >= 1.00 | {verdict(speed >= 1.0)} |")
-    print(f"| zero-shot top-1 | {zs['ssl_dist'] / max(zs['open_clip'], 1e-9):.3f} | >= 1.000 | "
-          f"{verdict(zs['ssl_dist'] >= zs['open_clip'])} |")
+    print(f"| zero-shot top-1 | {ours_zs / max(their_zs, 1e-9):.3f} | >= 1.000 | {verdict(ours_zs >= their_zs)} |")
+
+
+def report_faults(s: Setup, faults: dict) -> None:
+    a = s.args
     print(f"\nKilled worker: {a.fault_steps} steps an epoch ({s.global_batch * a.fault_steps} samples), 2 epochs, "
           f"one training process SIGKILLed at step {kill_step(s)}\n")
     print("| run | killed after step | resumed from step | steps redone | epoch | seen twice (final weights) | "
@@ -519,6 +549,10 @@ def report(s: Setup, ours: dict, theirs: dict, zs: dict, faults: dict, memory: d
         target = verdict(f["twice"] == 0 and f["never"] == 0) if name == "ssl_dist" else "-"
         print(f"| {name} | {f['killed_at']} | {f['resumed_from']} | {f['redone']} | {f['epoch']} | {f['twice']} | "
               f"{f['never']} | {f['consumed_twice']} | {target} |")
+
+
+def report_memory(s: Setup, memory: dict) -> None:
+    a = s.args
     print(f"\nSigLIP loss, forward + backward, {a.loss_batch} pairs per rank, D = 128: peak memory per rank (MiB)\n")
     ranks = sorted({w for _, w in memory})
     print("| implementation | " + " | ".join(f"{w} rank{'s' if w > 1 else ''}" for w in ranks) + " | "
@@ -542,25 +576,35 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="budget runs of each trainer, seeds 0..N-1 (initial weights, data order, crops); "
+                        "the zero-shot ratio compares the medians")
+    p.add_argument("--budget-only", action="store_true",
+                   help="only the budget runs and their zero-shot (no killed worker, no SigLIP memory)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="clip-bench-"))
     print(f"work folder (logs, open_clip's runs): {work}", flush=True)
     endpoint, ray_address, handles = start_services(work)
     try:
         s = prepare(args, work, endpoint, ray_address)
-        print(f"ssl_dist: {args.minutes:g} min ...", flush=True)
-        ours = run_ssl_dist(s)
-        print(f"open_clip: {args.minutes:g} min ...", flush=True)
-        theirs = run_open_clip(s)
+        ours, theirs = [], []
+        for seed in range(args.seeds):  # alternating, so that a busier stretch of the machine hits both
+            print(f"seed {seed}: ssl_dist {args.minutes:g} min ...", flush=True)
+            ours.append(run_ssl_dist(s, seed))
+            print(f"seed {seed}: open_clip {args.minutes:g} min ...", flush=True)
+            theirs.append(run_open_clip(s, seed))
         print("zero-shot ...", flush=True)
         zs = zero_shot_scores(s, ours, theirs)
-        print("killed worker: ssl_dist, then open_clip ...", flush=True)
-        faults = {"ssl_dist": ssl_dist_fault(s), "open_clip": open_clip_fault(s)}
+        if not args.budget_only:
+            print("killed worker: ssl_dist, then open_clip ...", flush=True)
+            faults = {"ssl_dist": ssl_dist_fault(s), "open_clip": open_clip_fault(s)}
     finally:
         stop_services(handles)
-    print("SigLIP loss memory ...", flush=True)
-    memory = siglip_memory(args.loss_batch, [1, 2, 4])
-    report(s, ours, theirs, zs, faults, memory)
+    report_budget(s, ours, theirs, zs)
+    if not args.budget_only:
+        report_faults(s, faults)
+        print("SigLIP loss memory ...", flush=True)
+        report_memory(s, siglip_memory(args.loss_batch, [1, 2, 4]))
 
 
 if __name__ == "__main__":
