@@ -5,12 +5,12 @@ each; then the per-rank peak memory of the SigLIP loss at 1, 2 and 4 ranks.
 
     python benchmarks/clip.py [--minutes 15] [--batch-size 128] [--train-samples 0]
                               [--eval-samples 10000] [--fault-steps 20] [--loss-batch 2048]
-                              [--seeds 1] [--budget-only]
+                              [--seeds 1] [--first-seed 0] [--budget-only]
 
-`--seeds N` trains each trainer N times (seeds 0..N-1: initial weights, data order, crops;
-ssl_dist's train.seed and data.seed, open_clip's --seed), alternating between the trainers, and
-compares the medians: one 15-minute run's zero-shot top-1 moves by about a point from seed to
-seed, more than the gap between the trainers.
+`--seeds N` trains each trainer N times (seeds K..K+N-1, `--first-seed K`: initial weights, data
+order, crops; ssl_dist's train.seed and data.seed, open_clip's --seed), alternating between the
+trainers, and compares the medians: one 15-minute run's zero-shot top-1 moves by about a point
+from seed to seed, more than the gap between the trainers.
 
 Data. Every CIFAR-10 training image (../shared/data/cifar10/train.tar; `--train-samples N`:
 the first N of a seeded shuffle) gets the caption "TEMPLATE with its class name", the template
@@ -513,16 +513,17 @@ def report_budget(s: Setup, ours: list[dict], theirs: list[dict], zs: dict) -> N
     """One row per trainer and seed, then (several seeds) each trainer's medians; the ratios
     compare the medians, since one 15-minute run's zero-shot moves by about a point."""
     a = s.args
+    seeds = list(range(a.first_seed, a.first_seed + a.seeds))
     print(f"\nCLIP on captioned CIFAR-10 ({s.train_samples} pairs), {a.minutes:g} min of training each, global batch "
           f"{s.global_batch}, 2 processes x 1 thread, fp32 CPU; zero-shot on {a.eval_samples} test images; "
-          f"seeds 0-{a.seeds - 1}, the runs in the order listed per seed\n")
+          f"seeds {seeds[0]}-{seeds[-1]}, the runs in the order listed per seed\n")
     print("| run | seed | steps | samples/s (median, steady) | zero-shot top-1 |")
     print("|---|---|---|---|---|")
     trainers = (("ssl_dist (Ray, ZeRO-2, S3)", ours, zs["ssl_dist"]),
                 ("open_clip_train (torchrun, gloo, HTTP)", theirs, zs["open_clip"]))
-    for seed in range(a.seeds):
+    for i, seed in enumerate(seeds):
         for name, runs, scores in trainers:
-            print(f"| {name} | {seed} | {runs[seed]['steps']} | {runs[seed]['samples_per_s']:.1f} | {scores[seed]:.4f} |")
+            print(f"| {name} | {seed} | {runs[i]['steps']} | {runs[i]['samples_per_s']:.1f} | {scores[i]:.4f} |")
     medians = {}
     for name, runs, scores in trainers:
         medians[name] = (statistics.median(r["samples_per_s"] for r in runs), statistics.median(scores))
@@ -579,6 +580,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=1,
                    help="budget runs of each trainer, seeds 0..N-1 (initial weights, data order, crops); "
                         "the zero-shot ratio compares the medians")
+    p.add_argument("--first-seed", type=int, default=0, help="the first of the --seeds seeds")
     p.add_argument("--budget-only", action="store_true",
                    help="only the budget runs and their zero-shot (no killed worker, no SigLIP memory)")
     args = p.parse_args()
@@ -588,7 +590,7 @@ def main() -> None:
     try:
         s = prepare(args, work, endpoint, ray_address)
         ours, theirs = [], []
-        for seed in range(args.seeds):  # alternating, so that a busier stretch of the machine hits both
+        for seed in range(args.first_seed, args.first_seed + args.seeds):  # alternating, so that a busier stretch of the machine hits both
             print(f"seed {seed}: ssl_dist {args.minutes:g} min ...", flush=True)
             ours.append(run_ssl_dist(s, seed))
             print(f"seed {seed}: open_clip {args.minutes:g} min ...", flush=True)
